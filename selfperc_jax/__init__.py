@@ -1,0 +1,1 @@
+"""selfperc_jax: diffusion models with the self-perceptual objective in JAX/Flax."""

@@ -1,0 +1,66 @@
+"""Metric outputs: workdir/metrics.jsonl, TensorBoard events (clu) and a console progress line with an ETA.
+
+clu's writers import TensorFlow; they are imported here only, and when they are missing (e.g. on a machine with
+only JAX installed) the run goes on with metrics.jsonl and the console.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import logging
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricLogger:
+  def __init__(self, workdir: str, total_steps: int, batch_size: int, enabled: bool = True):
+    self.enabled = enabled
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._writer = None
+    if enabled:
+      try:
+        from clu import metric_writers
+
+        self._writer = metric_writers.create_default_writer(workdir, asynchronous=False)
+      except ImportError as e:
+        logging.warning("TensorBoard logging is off (%s); metrics go to %s only.", e, self.path)
+    self._last_time, self._last_step = None, None
+
+  def start(self, step: int) -> None:
+    self._last_time, self._last_step = time.perf_counter(), step
+
+  def write(self, step: int, metrics: dict) -> dict:
+    now = time.perf_counter()
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    if self._last_time is not None and step > self._last_step:
+      steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
+      record["steps_per_s"] = steps_per_s
+      record["examples_per_s"] = steps_per_s * self.batch_size
+    self._last_time, self._last_step = now, step
+    if not self.enabled:
+      return record
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._writer is not None:
+      self._writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+    eta = ""
+    if "steps_per_s" in record:
+      eta = f" | {record['steps_per_s']:.2f} steps/s | ETA {_format_duration((self.total_steps - step) / record['steps_per_s'])}"
+    terms = " ".join(f"{k} {record[k]:.4g}" for k in ("loss", "loss_mse", "loss_sp") if k in record)
+    print(f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) {terms}{eta}", flush=True)
+    return record
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+      self._writer.close()

@@ -1,0 +1,81 @@
+"""The training objectives: plain diffusion MSE and the self-perceptual loss (Lin & Yang, arXiv 2401.00110).
+
+Both are pure functions of arrays and of apply-functions, so they can be tested without a training state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from selfperc_jax import diffusion
+
+NOISE_VARIANTS = ("paper", "shared")
+
+# features_fn(x_t, t, y) -> {tap name: activations}; the caller binds the perceptual copy's params to it.
+FeaturesFn = Callable[[jax.Array, jax.Array, jax.Array], Mapping[str, jax.Array]]
+
+
+def min_snr_weight(log_snr, prediction, gamma):
+  """Min-SNR-gamma weights (Hang et al., 2023) expressed for the regression target in use."""
+  snr = jnp.exp(log_snr)
+  clipped = jnp.minimum(snr, gamma)
+  if prediction == "eps":
+    return clipped / snr
+  if prediction == "v":
+    return clipped / (snr + 1)
+  return clipped  # x0
+
+
+def mse_loss(pred, x0, eps, alpha, sigma, prediction, weight=None):
+  """Mean over examples of the (optionally weighted) mean squared error against the target of `prediction`."""
+  target = diffusion.target_of(x0, eps, alpha, sigma, prediction)
+  per_example = jnp.mean(jnp.square(pred - target), axis=tuple(range(1, pred.ndim)))
+  if weight is not None:
+    per_example = per_example * weight
+  return jnp.mean(per_example)
+
+
+def self_perceptual_loss(
+    features_fn: FeaturesFn,
+    schedule: diffusion.Schedule,
+    key: jax.Array,
+    x0: jax.Array,
+    x0_hat: jax.Array,
+    eps: jax.Array,
+    eps_hat: jax.Array,
+    labels: jax.Array,
+    *,
+    noise: str = "paper",
+    t_min: float = 0.0,
+    t_max: float = 1.0,
+):
+  """MSE between the perceptual copy's features of the real and of the predicted image, both noised to t'.
+
+  t' is drawn per example, independently of the online t. With `noise='paper'` the real x0 is noised with the
+  online eps and the prediction x0_hat with eps_hat, so an exact prediction gives exactly zero loss; `'shared'`
+  noises both with one fresh eps'. The two branches go through the copy as one 2B batch. Gradients flow only
+  into x0_hat / eps_hat: `features_fn` must hold stop-gradient params, and the real branch is stopped here.
+  """
+  if noise not in NOISE_VARIANTS:
+    raise ValueError(f"loss.perceptual_noise={noise!r} is not known; choose one of {NOISE_VARIANTS}.")
+  key_t, key_eps = jax.random.split(key)
+  t_prime = schedule.sample_t(key_t, (x0.shape[0],), t_min, t_max)
+  alpha, sigma = schedule.alpha_sigma(t_prime)
+  if noise == "paper":
+    eps_real, eps_pred = eps, eps_hat
+  else:
+    eps_real = eps_pred = jax.random.normal(key_eps, x0.shape, x0.dtype)
+  x_real = jax.lax.stop_gradient(diffusion.q_sample(x0, eps_real, alpha, sigma))
+  x_pred = diffusion.q_sample(x0_hat, eps_pred, alpha, sigma)
+
+  features = features_fn(
+      jnp.concatenate([x_real, x_pred]), jnp.concatenate([t_prime, t_prime]), jnp.concatenate([labels, labels])
+  )
+  per_tap = []
+  for name in sorted(features):
+    real, pred = jnp.split(features[name], 2)
+    per_tap.append(jnp.mean(jnp.square(pred - jax.lax.stop_gradient(real))))
+  return sum(per_tap) / len(per_tap)

@@ -1,0 +1,38 @@
+"""Entry point: python -m selfperc_jax.main --config=configs/digits.py --workdir=DIR [--mode=train|sample]."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from selfperc_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:arg]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples (created if missing).")
+flags.DEFINE_enum("mode", "train", ["train", "sample"],
+                  "train: train (resuming from the workdir's latest checkpoint); sample: sample from it.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Imported here so that `--help` and flag errors come back before JAX starts up.
+  from selfperc_jax import train
+
+  try:
+    if FLAGS.mode == "train":
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+      train.sample_from_checkpoint(FLAGS.config, FLAGS.workdir)
+  except UserError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,175 @@
+"""ADM-style class-conditional U-Net (Dhariwal & Nichol, 2021) with named feature taps.
+
+`UNet(...)(x, t, y)` returns the prediction (same shape as x). `UNet(...)(x, t, y, taps=('mid',))` returns a dict of
+the requested activations and stops as soon as the last of them is computed, so the decoder never runs: the
+self-perceptual loss only needs the perceptual copy's encoder and mid-block. Submodule names say where a module
+sits (`enc_*`, `mid_*`, `dec_*`, `out_*`), which makes "the decoder's parameters are unused" checkable.
+
+Shapes are NHWC; t is a float in [0, 1] per example; y is an int class per example, `num_classes` being the null
+class used for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+MID_TAP = "mid"
+
+
+def encoder_tap(level: int) -> str:
+  """Name of the tap after encoder level `level` (before its downsampling)."""
+  return f"enc{level}"
+
+
+def tap_names(num_levels: int) -> tuple[str, ...]:
+  """All taps in the order the forward pass reaches them."""
+  return tuple(encoder_tap(i) for i in range(num_levels)) + (MID_TAP,)
+
+
+def _num_groups(channels: int, max_groups: int = 32) -> int:
+  return max(g for g in range(1, max_groups + 1) if channels % g == 0)
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
+  """Sinusoidal embedding of t * 1000 (the DDPM step scale), shape (B, dim)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (t.astype(jnp.float32) * 1000.0)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class ResBlock(nn.Module):
+  """GroupNorm-SiLU-conv twice, the embedding entering through scale-shift norm; zero-initialised last conv."""
+
+  channels: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, emb, train: bool):
+    h = nn.silu(nn.GroupNorm(_num_groups(x.shape[-1]), dtype=self.dtype, name="norm1")(x))
+    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv1")(h)
+    scale, shift = jnp.split(nn.Dense(2 * self.channels, dtype=self.dtype, name="emb")(nn.silu(emb)), 2, axis=-1)
+    h = nn.GroupNorm(_num_groups(self.channels), dtype=self.dtype, name="norm2")(h)
+    h = h * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="conv2")(h)
+    if x.shape[-1] != self.channels:
+      x = nn.Conv(self.channels, (1, 1), dtype=self.dtype, name="skip")(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over the spatial positions, residual, zero-initialised output projection."""
+
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, hgt, wid, c = x.shape
+    if c % self.num_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} must divide the channel count {c} of every attention layer.")
+    h = nn.GroupNorm(_num_groups(c), dtype=self.dtype, name="norm")(x).reshape(b, hgt * wid, c)
+    qkv = nn.DenseGeneral((3, self.num_heads, c // self.num_heads), dtype=self.dtype, name="qkv")(h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    h = nn.dot_product_attention(q, k, v, dtype=self.dtype)
+    h = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj")(h)
+    return x + h.reshape(b, hgt, wid, c)
+
+
+class UNet(nn.Module):
+  base_channels: int = 64
+  channel_mult: Sequence[int] = (1, 2)
+  num_res_blocks: int = 2
+  attention_resolutions: Sequence[int] = ()  # feature-map sizes (in pixels) that get self-attention
+  num_heads: int = 4
+  dropout: float = 0.0
+  num_classes: int = 10
+  out_channels: int = 1
+  dtype: Any = jnp.float32
+
+  @property
+  def null_class(self) -> int:
+    return self.num_classes
+
+  @nn.compact
+  def __call__(self, x, t, y, train: bool = False, taps: Sequence[str] = ()):
+    wanted = set(taps)
+    unknown = wanted - set(tap_names(len(self.channel_mult)))
+    if unknown:
+      raise ValueError(f"unknown taps {sorted(unknown)}; this U-Net has {tap_names(len(self.channel_mult))}.")
+    found = {}
+
+    def tap(name, h):
+      self.sow("intermediates", name, h)
+      if name in wanted:
+        found[name] = h.astype(jnp.float32)
+      return wanted and set(found) == wanted
+
+    emb_dim = 4 * self.base_channels
+    emb = timestep_embedding(t, self.base_channels)
+    emb = nn.Dense(emb_dim, dtype=self.dtype, name="time_mlp_0")(emb)
+    emb = nn.Dense(emb_dim, dtype=self.dtype, name="time_mlp_1")(nn.silu(emb))
+    emb = emb + nn.Embed(self.num_classes + 1, emb_dim, name="class_embed")(y).astype(emb.dtype)
+
+    h = nn.Conv(self.base_channels, (3, 3), dtype=self.dtype, name="in_conv")(x.astype(self.dtype))
+    skips = [h]
+    for level, mult in enumerate(self.channel_mult):
+      for block in range(self.num_res_blocks):
+        h = ResBlock(self.base_channels * mult, self.dropout, self.dtype, name=f"enc_{level}_{block}")(h, emb, train)
+        if h.shape[1] in self.attention_resolutions:
+          h = AttentionBlock(self.num_heads, self.dtype, name=f"enc_{level}_{block}_attn")(h)
+        skips.append(h)
+      if tap(encoder_tap(level), h):
+        return found
+      if level != len(self.channel_mult) - 1:
+        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name=f"enc_{level}_down")(h)
+        skips.append(h)
+
+    mid_channels = h.shape[-1]
+    h = ResBlock(mid_channels, self.dropout, self.dtype, name="mid_res_0")(h, emb, train)
+    h = AttentionBlock(self.num_heads, self.dtype, name="mid_attn")(h)
+    h = ResBlock(mid_channels, self.dropout, self.dtype, name="mid_res_1")(h, emb, train)
+    if tap(MID_TAP, h):
+      return found
+
+    for level, mult in reversed(list(enumerate(self.channel_mult))):
+      for block in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = ResBlock(self.base_channels * mult, self.dropout, self.dtype, name=f"dec_{level}_{block}")(h, emb, train)
+        if h.shape[1] in self.attention_resolutions:
+          h = AttentionBlock(self.num_heads, self.dtype, name=f"dec_{level}_{block}_attn")(h)
+      if level != 0:
+        b, hgt, wid, c = h.shape
+        h = jax.image.resize(h, (b, 2 * hgt, 2 * wid, c), "nearest")
+        h = nn.Conv(c, (3, 3), dtype=self.dtype, name=f"dec_{level}_up")(h)
+
+    h = nn.silu(nn.GroupNorm(_num_groups(h.shape[-1]), dtype=self.dtype, name="out_norm")(h))
+    h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="out_conv")(h)
+    return h.astype(jnp.float32)
+
+
+def unet_from_config(model_cfg, out_channels: int) -> UNet:
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if model_cfg.dtype not in dtypes:
+    raise ValueError(f"model.dtype={model_cfg.dtype!r} is not supported; choose one of {sorted(dtypes)}.")
+  return UNet(
+      base_channels=model_cfg.base_channels,
+      channel_mult=tuple(model_cfg.channel_mult),
+      num_res_blocks=model_cfg.num_res_blocks,
+      attention_resolutions=tuple(model_cfg.attention_resolutions),
+      num_heads=model_cfg.num_heads,
+      dropout=model_cfg.dropout,
+      num_classes=model_cfg.num_classes,
+      out_channels=out_channels,
+      dtype=dtypes[model_cfg.dtype],
+  )

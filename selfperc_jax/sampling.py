@@ -1,0 +1,30 @@
+"""Drawing a labelled batch of samples from a set of params, as the config's `sample.*` section says."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfperc_jax import samplers, sharding
+
+
+def class_labels(num_samples: int, num_classes: int) -> np.ndarray:
+  """Class-sorted labels, num_samples rounded up to a multiple of num_classes (one grid row per class)."""
+  per_class = -(-num_samples // num_classes)
+  return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+
+
+def make_sample_fn(config, model, schedule, image_shape):
+  s = config.sample
+  return samplers.make_sampler(
+      model.apply, schedule, config.diffusion.prediction, tuple(image_shape), sampler=s.sampler, num_steps=s.steps,
+      guidance_scale=float(s.guidance_scale), null_class=config.model.num_classes)
+
+
+def draw(sample_fn, params, config, mesh):
+  """(images in [-1, 1], labels) as numpy; labels are split over the mesh when they divide evenly."""
+  labels = class_labels(config.sample.num_samples, config.model.num_classes)
+  placement = sharding.batch_sharding(mesh) if len(labels) % mesh.size == 0 else sharding.replicated(mesh)
+  images = sample_fn(params, jax.random.key(config.sample.seed), jax.device_put(jnp.asarray(labels), placement))
+  return np.asarray(jax.device_get(images)), labels

@@ -1,0 +1,160 @@
+"""The training loop and the sample mode: build or restore the state, feed batches to the step, periodic actions."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from selfperc_jax import checkpoint, data, diffusion, images, sampling, sharding, step as step_lib, validation
+from selfperc_jax.errors import CheckpointError
+from selfperc_jax.logging_utils import MetricLogger
+from selfperc_jax.models import unet
+
+
+class Setup:
+  """Everything built from a config before the first step: mesh, data, model, optimizer, state layout."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, with_data: bool = True):
+    validation.validate(config)
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.batch_size, self.mesh)
+    self.pipeline = data.build(config) if with_data else None
+    self.image_shape = data.image_shape(config.data)
+    self.model = unet.unet_from_config(config.model, out_channels=self.image_shape[-1])
+    self.schedule = diffusion.schedule_from_config(config.diffusion)
+    self.tx, self.lr_schedule = step_lib.make_optimizer(config)
+    self.init_fn = lambda key: step_lib.init_state(config, self.model, self.tx, key, self.image_shape)
+    abstract_state = jax.eval_shape(self.init_fn, jax.random.key(0))
+    self.state_sharding = sharding.state_shardings(self.mesh, abstract_state)
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_sharding)
+
+  def checkpointer(self, read_only: bool = False) -> checkpoint.Checkpointer:
+    return checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), self.config.keep_checkpoints,
+                                   read_only=read_only)
+
+
+def _check_compatible(ckpt: checkpoint.Checkpointer, step: int, config, what: str) -> None:
+  diffs = checkpoint.shape_differences(ckpt.restore_config(step), config)
+  if diffs:
+    raise CheckpointError(
+        f"{what} {ckpt.directory} (step {step}) was trained with a different model shape:\n  " + "\n  ".join(diffs)
+        + "\nUse the same model config, or a new --workdir for a new model. Nothing was changed.")
+
+
+def _init_from(setup: Setup, state):
+  """Online params (and the copies that start from them) and the sampling EMA from another run's checkpoint."""
+  source = setup.config.init_from
+  directory = checkpoint.checkpoint_dir(source)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"init_from={source!r} does not exist; give a workdir (or its checkpoints/ folder) of an "
+                          "earlier run.")
+  src = checkpoint.Checkpointer(directory, read_only=True)
+  latest = src.latest_step()
+  if latest is None:
+    raise CheckpointError(f"init_from={source!r} holds no checkpoint; give the workdir of a run that saved one.")
+  _check_compatible(src, latest, setup.config, "init_from=")
+  target = {"params": setup.abstract_state.params, "ema_params": setup.abstract_state.ema_params}
+  restored, _ = src.restore(latest, target, partial=True)
+  src.close()
+  logging.info("initialised from %s (step %d)", directory, latest)
+  copy = restored["params"] if state.perceptual_params is not None else None
+  return state.replace(params=restored["params"], ema_params=restored["ema_params"], perceptual_params=copy)
+
+
+def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer, init_key):
+  """(state, restored_step or None); on resume the data iterator continues where it stopped."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    _check_compatible(ckpt, latest, setup.config, "the workdir's checkpoint")
+    state, data_state = ckpt.restore(latest, setup.abstract_state)
+    if setup.pipeline is not None and data_state is not None:
+      setup.pipeline.set_state(data_state)
+    if setup.config.init_from:
+      logging.info("resuming from step %d of %s; init_from is ignored", latest, ckpt.directory)
+    return state, latest
+  state = sharding.jit_init(setup.init_fn, setup.mesh, setup.state_sharding)(init_key)
+  if setup.config.init_from:
+    state = _init_from(setup, state)
+  return state, None
+
+
+def _write_samples(setup: Setup, sample_fn, params, name: str) -> str:
+  imgs, labels = sampling.draw(sample_fn, params, setup.config, setup.mesh)
+  if jax.process_index() != 0:
+    return ""
+  png, _ = images.save_samples(os.path.join(setup.workdir, "samples"), name, imgs, labels)
+  return png
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """Trains to config.total_steps, resuming from workdir's latest checkpoint; returns the last logged metrics."""
+  setup = Setup(config, workdir)
+  os.makedirs(setup.workdir, exist_ok=True)
+  base_key = jax.random.key(config.seed)
+  init_key, step_key = jax.random.split(base_key)
+  ckpt = setup.checkpointer()
+  state, restored = restore_or_init(setup, ckpt, init_key)
+  start = 0 if restored is None else restored
+  if start >= config.total_steps:
+    logging.info("the checkpoint is at step %d >= total_steps=%d: nothing to train", start, config.total_steps)
+    ckpt.close()
+    return None
+
+  train_step = sharding.jit_train_step(
+      step_lib.make_train_step(config, setup.model, setup.schedule, setup.tx), setup.mesh, setup.state_sharding)
+  sample_fn = sampling.make_sample_fn(config, setup.model, setup.schedule, setup.image_shape)
+  logger = MetricLogger(setup.workdir, config.total_steps, config.batch_size, enabled=jax.process_index() == 0)
+  print(f"training {config.total_steps - start} steps from step {start} in {setup.workdir} on "
+        f"{setup.mesh.size} device(s)", flush=True)
+  last = None
+  t0 = time.perf_counter()
+  logger.start(start)
+  for step in range(start, config.total_steps):
+    batch = sharding.global_batch(next(setup.pipeline), setup.mesh)
+    state, metrics = train_step(state, batch, step_key)
+    done = step + 1
+    if step == start:
+      jax.block_until_ready(metrics)
+      logging.info("first step (with compilation) took %.1fs", time.perf_counter() - t0)
+    if done % config.log_every == 0 or done == config.total_steps:
+      metrics = jax.device_get(metrics)
+      metrics["learning_rate"] = setup.lr_schedule(step)
+      last = logger.write(done, metrics)
+    if done % config.checkpoint_every == 0 or done == config.total_steps:
+      ckpt.save(done, state, setup.pipeline.get_state(), config)
+    if config.sample_every and (done % config.sample_every == 0 or done == config.total_steps):
+      png = _write_samples(setup, sample_fn, state.ema_params, f"step_{done}")
+      if png:
+        print(f"samples: {png}", flush=True)
+  ckpt.close()
+  logger.close()
+  return last
+
+
+def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Samples from the sampling EMA of the workdir's latest checkpoint with config.sample.*; returns the PNG path."""
+  setup = Setup(config, workdir, with_data=False)
+  ckpt_dir = os.path.join(setup.workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise CheckpointError(f"{setup.workdir} has no checkpoints/ folder: train first (--mode=train) or fix --workdir.")
+  ckpt = setup.checkpointer(read_only=True)
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise CheckpointError(f"{ckpt_dir} holds no checkpoint: train first (--mode=train) or fix --workdir.")
+  _check_compatible(ckpt, latest, config, "the workdir's checkpoint")
+  restored, _ = ckpt.restore(latest, {"ema_params": setup.abstract_state.ema_params}, partial=True)
+  ckpt.close()
+  s = config.sample
+  sample_fn = sampling.make_sample_fn(config, setup.model, setup.schedule, setup.image_shape)
+  # A name per setting, so that sampling never overwrites the training-time grids or another setting's samples.
+  png = _write_samples(setup, sample_fn, restored["ema_params"],
+                       f"step_{latest}_{s.sampler}{s.steps}_cfg{s.guidance_scale:g}_seed{s.seed}")
+  print(f"samples: {png}", flush=True)
+  return png
