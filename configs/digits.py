@@ -21,11 +21,11 @@ def get_config(arg=None):
 
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.total_steps = 6000
+  config.total_steps = 2400
   config.batch_size = 128
   config.log_every = 100
-  config.checkpoint_every = 1000
-  config.sample_every = 2000
+  config.checkpoint_every = 500
+  config.sample_every = 1200
   config.keep_checkpoints = 3
   # A workdir (or its checkpoints/ folder) whose latest params start this run, e.g. an MSE-pretrained model.
   config.init_from = ""
@@ -36,7 +36,7 @@ def get_config(arg=None):
   config.data.image_size = 8  # other sizes resize the 8x8 digits (bilinear)
 
   config.model = ml_collections.ConfigDict()
-  config.model.base_channels = 64
+  config.model.base_channels = 32
   config.model.channel_mult = (1, 2)
   config.model.num_res_blocks = 2
   config.model.attention_resolutions = (4,)
@@ -55,7 +55,7 @@ def get_config(arg=None):
   config.loss.mse_weight = 1.0
   config.loss.min_snr_gamma = 0.0  # > 0: min-SNR-gamma weighting of the MSE term
   config.loss.perceptual_weight = 1.0
-  config.loss.perceptual_start_step = 3000  # steps before it train with plain MSE (the pre-training phase)
+  config.loss.perceptual_start_step = 1400  # steps before it train with plain MSE (the pre-training phase)
   config.loss.perceptual_ramp_steps = 0  # linear ramp of the perceptual weight after the start step
   config.loss.perceptual_noise = "paper"  # 'paper': x0 with eps, x0_hat with eps_hat; 'shared': one fresh eps'
   config.loss.perceptual_condition = "same"  # 'same' class as the online prediction, or 'null'

@@ -118,13 +118,14 @@ class Schedule:
     return 2 * (jnp.log(jnp.maximum(alpha, 1e-20)) - jnp.log(jnp.maximum(sigma, 1e-20)))
 
   def sample_t(self, key, shape, t_min=0.0, t_max=1.0):
-    """Training times: uniform on [t_min, t_max]; on the grid {1/T, ..., 1} for a discrete schedule."""
-    u = jax.random.uniform(key, shape, minval=t_min, maxval=t_max)
+    """Training times: uniform on [t_min, t_max]; for a discrete schedule, uniform over its grid points
+    {1/T, ..., 1} that lie in [t_min, t_max] (the nearest one if none does)."""
     if self.timesteps == 0:
       # Exactly t = 0 carries no information to learn; keep a tiny margin.
-      return jnp.maximum(u, 1e-5)
-    steps = jnp.clip(jnp.ceil(u * self.timesteps), 1, self.timesteps)
-    return steps / self.timesteps
+      return jnp.maximum(jax.random.uniform(key, shape, minval=t_min, maxval=t_max), 1e-5)
+    first = max(1, math.ceil(t_min * self.timesteps - 1e-6))
+    last = max(first, min(self.timesteps, math.floor(t_max * self.timesteps + 1e-6)))
+    return jax.random.randint(key, shape, first, last + 1).astype(jnp.float32) / self.timesteps
 
 
 def _bcast(a, x):

@@ -28,6 +28,7 @@ class MetricLogger:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._writer = None
     if enabled:
+      os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
       try:
         from clu import metric_writers
 

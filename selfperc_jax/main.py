@@ -20,6 +20,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:
+    # Orbax and TensorFlow log every save at INFO; the run's own progress goes to stdout. -v 0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   # Imported here so that `--help` and flag errors come back before JAX starts up.
   from selfperc_jax import train
 

@@ -65,6 +65,9 @@ def sample(
     raise ValueError(f"sample.sampler={sampler!r} is not known; choose one of {SAMPLERS}.")
   if num_steps < 1:
     raise ValueError(f"sample.steps={num_steps} must be at least 1.")
+  if schedule.timesteps and num_steps > schedule.timesteps:
+    raise ValueError(f"sample.steps={num_steps} is more than the schedule's {schedule.timesteps} timesteps "
+                     "(diffusion.timesteps); use at most that many.")
   if guidance_scale != 1.0 and null_class is None:
     raise ValueError("classifier-free guidance needs the model's null class.")
   fn = guided(denoise_fn, guidance_scale, null_class)

@@ -7,7 +7,6 @@ import time
 
 import jax
 import ml_collections
-from absl import logging
 
 from selfperc_jax import checkpoint, data, diffusion, images, sampling, sharding, step as step_lib, validation
 from selfperc_jax.errors import CheckpointError
@@ -34,6 +33,18 @@ class Setup:
     self.state_sharding = sharding.state_shardings(self.mesh, abstract_state)
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_sharding)
+    self._step_fns = {}
+
+  def step_fn(self, step: int):
+    """The jitted train step for 0-based step `step`: one compilation per phase (MSE pre-training, perceptual)."""
+    active = step_lib.perceptual_phase(self.config, step)
+    if active not in self._step_fns:
+      fn = step_lib.make_train_step(self.config, self.model, self.schedule, self.tx, perceptual_active=active)
+      self._step_fns[active] = sharding.jit_train_step(fn, self.mesh, self.state_sharding)
+    return self._step_fns[active]
+
+  def init_state(self, key):
+    return sharding.jit_init(self.init_fn, self.mesh, self.state_sharding)(key)
 
   def checkpointer(self, read_only: bool = False) -> checkpoint.Checkpointer:
     return checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), self.config.keep_checkpoints,
@@ -48,8 +59,8 @@ def _check_compatible(ckpt: checkpoint.Checkpointer, step: int, config, what: st
         + "\nUse the same model config, or a new --workdir for a new model. Nothing was changed.")
 
 
-def _init_from(setup: Setup, state):
-  """Online params (and the copies that start from them) and the sampling EMA from another run's checkpoint."""
+def _open_init_source(setup: Setup) -> tuple[checkpoint.Checkpointer, int]:
+  """The checkpoint that init_from names, checked before anything is built from it."""
   source = setup.config.init_from
   directory = checkpoint.checkpoint_dir(source)
   if not os.path.isdir(directory):
@@ -60,10 +71,15 @@ def _init_from(setup: Setup, state):
   if latest is None:
     raise CheckpointError(f"init_from={source!r} holds no checkpoint; give the workdir of a run that saved one.")
   _check_compatible(src, latest, setup.config, "init_from=")
+  return src, latest
+
+
+def _init_from(setup: Setup, state, src: checkpoint.Checkpointer, step: int):
+  """Online params (and the copy, which starts from them) and the sampling EMA from another run's checkpoint."""
   target = {"params": setup.abstract_state.params, "ema_params": setup.abstract_state.ema_params}
-  restored, _ = src.restore(latest, target, partial=True)
+  restored, _ = src.restore(step, target, partial=True)
   src.close()
-  logging.info("initialised from %s (step %d)", directory, latest)
+  print(f"initialised from {src.directory} (step {step})", flush=True)
   copy = restored["params"] if state.perceptual_params is not None else None
   return state.replace(params=restored["params"], ema_params=restored["ema_params"], perceptual_params=copy)
 
@@ -77,11 +93,12 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer, init_key):
     if setup.pipeline is not None and data_state is not None:
       setup.pipeline.set_state(data_state)
     if setup.config.init_from:
-      logging.info("resuming from step %d of %s; init_from is ignored", latest, ckpt.directory)
+      print(f"resuming from step {latest} of {ckpt.directory}; init_from is ignored", flush=True)
     return state, latest
-  state = sharding.jit_init(setup.init_fn, setup.mesh, setup.state_sharding)(init_key)
-  if setup.config.init_from:
-    state = _init_from(setup, state)
+  source = _open_init_source(setup) if setup.config.init_from else None
+  state = setup.init_state(init_key)
+  if source is not None:
+    state = _init_from(setup, state, *source)
   return state, None
 
 
@@ -93,8 +110,12 @@ def _write_samples(setup: Setup, sample_fn, params, name: str) -> str:
   return png
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-  """Trains to config.total_steps, resuming from workdir's latest checkpoint; returns the last logged metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_steps: int | None = None) -> dict | None:
+  """Trains to config.total_steps, resuming from workdir's latest checkpoint; returns the last logged metrics.
+
+  num_steps: train at most this many steps in this call, then checkpoint and return (e.g. to train in chunks from a
+  notebook); calling again continues exactly where it stopped.
+  """
   setup = Setup(config, workdir)
   os.makedirs(setup.workdir, exist_ok=True)
   base_key = jax.random.key(config.seed)
@@ -103,12 +124,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   state, restored = restore_or_init(setup, ckpt, init_key)
   start = 0 if restored is None else restored
   if start >= config.total_steps:
-    logging.info("the checkpoint is at step %d >= total_steps=%d: nothing to train", start, config.total_steps)
+    print(f"the checkpoint is at step {start} >= total_steps={config.total_steps}: nothing to train", flush=True)
     ckpt.close()
     return None
 
-  train_step = sharding.jit_train_step(
-      step_lib.make_train_step(config, setup.model, setup.schedule, setup.tx), setup.mesh, setup.state_sharding)
   sample_fn = sampling.make_sample_fn(config, setup.model, setup.schedule, setup.image_shape)
   logger = MetricLogger(setup.workdir, config.total_steps, config.batch_size, enabled=jax.process_index() == 0)
   print(f"training {config.total_steps - start} steps from step {start} in {setup.workdir} on "
@@ -116,18 +135,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   last = None
   t0 = time.perf_counter()
   logger.start(start)
-  for step in range(start, config.total_steps):
+  stop = config.total_steps if num_steps is None else min(config.total_steps, start + num_steps)
+  for step in range(start, stop):
     batch = sharding.global_batch(next(setup.pipeline), setup.mesh)
-    state, metrics = train_step(state, batch, step_key)
+    state, metrics = setup.step_fn(step)(state, batch, step_key)
     done = step + 1
     if step == start:
       jax.block_until_ready(metrics)
-      logging.info("first step (with compilation) took %.1fs", time.perf_counter() - t0)
+      print(f"first step (with compilation) took {time.perf_counter() - t0:.1f}s", flush=True)
     if done % config.log_every == 0 or done == config.total_steps:
       metrics = jax.device_get(metrics)
       metrics["learning_rate"] = setup.lr_schedule(step)
       last = logger.write(done, metrics)
-    if done % config.checkpoint_every == 0 or done == config.total_steps:
+    if done % config.checkpoint_every == 0 or done == stop:
       ckpt.save(done, state, setup.pipeline.get_state(), config)
     if config.sample_every and (done % config.sample_every == 0 or done == config.total_steps):
       png = _write_samples(setup, sample_fn, state.ema_params, f"step_{done}")

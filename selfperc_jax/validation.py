@@ -75,6 +75,8 @@ def validate(config) -> None:
   s = config.sample
   _one_of(s.sampler, samplers.SAMPLERS, "sample.sampler")
   _require(s.steps >= 1, f"sample.steps={s.steps} must be >= 1.")
+  _require(not d.timesteps or s.steps <= d.timesteps,
+           f"sample.steps={s.steps} is more than diffusion.timesteps={d.timesteps}; use at most that many.")
   _require(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be >= 0 (1 = no guidance).")
   _require(s.num_samples >= 1, f"sample.num_samples={s.num_samples} must be >= 1.")
   _require(config.mesh.data == -1 or config.mesh.data >= 1, f"mesh.data={config.mesh.data} must be -1 or >= 1.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from selfperc_jax.errors import ConfigError
+
 TRAIN_SIZE = 1500  # the first 1500 digits train; the other 297 are held out ('test')
 SPLITS = ("train", "test", "all")
 NUM_CLASSES = 10
@@ -14,7 +16,7 @@ def load(split: str = "train", image_size: int = 8):
   from sklearn.datasets import load_digits  # imported here so the model code never needs scikit-learn
 
   if split not in SPLITS:
-    raise ValueError(f"data.split={split!r} is not known for digits; choose one of {SPLITS}.")
+    raise ConfigError(f"data.split={split!r} is not known for digits; choose one of {SPLITS}.")
   digits = load_digits()
   images = (digits.images.astype(np.float32) / 16.0) * 2.0 - 1.0  # pixel values are 0..16
   labels = digits.target.astype(np.int32)
@@ -22,7 +24,7 @@ def load(split: str = "train", image_size: int = 8):
   images, labels = images[sl, :, :, None], labels[sl]
   if image_size != images.shape[1]:
     if image_size < 1:
-      raise ValueError(f"data.image_size={image_size} must be positive.")
+      raise ConfigError(f"data.image_size={image_size} must be positive.")
     import jax  # resizing is rare; keep the common path numpy-only
 
     images = np.asarray(jax.image.resize(images, (len(images), image_size, image_size, 1), "bilinear"))

@@ -1,0 +1,29 @@
+"""Test harness: 8 simulated CPU devices (set before JAX is imported), quiet TensorFlow, shared fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg: str = ""):
+  """configs/<name>.py's get_config(arg), loaded from the file as main does."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture
+def digits_config():
+  """A loader for configs/digits.py with an argument, e.g. digits_config('tiny')."""
+  return lambda arg="": load_config("digits", arg)

@@ -1,0 +1,119 @@
+"""The jitted training step: data-parallel over 8 simulated devices equals one device; its pieces behave."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from selfperc_jax import data, sharding, step as step_lib, train
+
+
+def _build(config, num_devices, workdir="/nonexistent"):
+  """(mesh, make_state, step_fn): one compilation per phase serves several runs from the same initial state."""
+  config.mesh.data = num_devices
+  setup = train.Setup(config, workdir)
+  return setup.mesh, lambda: setup.init_state(jax.random.key(0)), setup.step_fn
+
+
+def _run(config, num_devices, batches, built=None):
+  mesh, make_state, train_step = built or _build(config, num_devices)
+  state = make_state()
+  history = []
+  for i, batch in enumerate(batches):
+    state, metrics = train_step(i)(state, sharding.global_batch(batch, mesh), jax.random.key(1))
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state), history, state
+
+
+@pytest.fixture
+def small_config(digits_config):
+  config = digits_config("tiny")
+  config.loss.perceptual_start_step = 2  # two MSE steps, then the snapshot, then self-perceptual steps
+  config.model.dropout = 0.1  # exercises the dropout RNG under sharding too
+  return config
+
+
+def _batches(config, n):
+  pipeline = data.build(config)
+  return [next(pipeline) for _ in range(n)]
+
+
+def test_eight_devices_equal_one_device(small_config):
+  assert jax.device_count() == 8
+  batches = _batches(small_config, 4)
+  state1, hist1, _ = _run(small_config, 1, batches)
+  state8, hist8, live8 = _run(small_config, 8, batches)
+  # The batch really is split over the 8 devices, and the step still sees the whole batch.
+  assert len(live8.params["in_conv"]["kernel"].sharding.device_set) == 8
+  for m1, m8 in zip(hist1, hist8):
+    for k in m1:
+      np.testing.assert_allclose(m1[k], m8[k], rtol=2e-4, atol=1e-6, err_msg=k)
+  assert hist1[-1]["loss_sp"] > 0  # the perceptual term was active in the compared steps
+  for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6)
+
+
+def test_perceptual_copy_snapshots_online_params_at_start_then_stays_frozen(small_config):
+  batches = _batches(small_config, 4)
+  mesh, make_state, train_step = _build(small_config, 1)
+  state = make_state()
+  snapshots = []
+  for i, batch in enumerate(batches):
+    state, _ = train_step(i)(state, sharding.global_batch(batch, mesh), jax.random.key(1))
+    snapshots.append(jax.device_get((state.params, state.perceptual_params)))
+  leaf = lambda tree: np.asarray(tree["in_conv"]["kernel"])
+  # After step 1 and 2 (the MSE phase) the copy equals the online params; afterwards it keeps the step-2 value.
+  np.testing.assert_array_equal(leaf(snapshots[0][1]), leaf(snapshots[0][0]))
+  np.testing.assert_array_equal(leaf(snapshots[1][1]), leaf(snapshots[1][0]))
+  np.testing.assert_array_equal(leaf(snapshots[3][1]), leaf(snapshots[1][0]))
+  assert not np.array_equal(leaf(snapshots[3][0]), leaf(snapshots[1][0]))  # while the online params moved on
+
+
+def test_mse_only_step_has_no_copy_and_no_perceptual_term(digits_config):
+  config = digits_config("tiny,mse")
+  batches = _batches(config, 2)
+  _, hist, state = _run(config, 1, batches)
+  assert state.perceptual_params is None
+  assert "loss_sp" not in hist[0]
+  np.testing.assert_allclose(hist[0]["loss"], hist[0]["loss_mse"])
+
+
+def test_shared_copy_uses_the_sampling_ema(small_config):
+  small_config.perceptual.share_with_sampling_ema = True
+  _, hist, state = _run(small_config, 1, _batches(small_config, 3))
+  assert state.perceptual_params is None
+  assert hist[-1]["loss_sp"] > 0
+
+
+def test_perceptual_weight_schedule():
+  cfg = ml_collections.ConfigDict(dict(perceptual_weight=2.0, perceptual_start_step=10, perceptual_ramp_steps=4))
+  w = [float(step_lib.perceptual_weight(cfg, s)) for s in (0, 9, 10, 11, 13, 100)]
+  assert w == pytest.approx([0.0, 0.0, 0.5, 1.0, 2.0, 2.0])
+
+
+def test_learning_rate_warms_up_then_decays(digits_config):
+  config = digits_config("")
+  _, lr = step_lib.make_optimizer(config)
+  peak, warm = config.optimizer.learning_rate, config.optimizer.warmup_steps
+  assert float(lr(0)) == 0.0
+  assert float(lr(warm // 2)) == pytest.approx(peak / 2, rel=1e-3)
+  assert float(lr(warm)) == pytest.approx(peak, rel=1e-3)
+  assert float(lr(config.total_steps)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("label_dropout", [0.0, 1.0 - 1e-7])
+def test_label_dropout_reaches_the_null_class(small_config, label_dropout):
+  """With label dropout ~1 every example trains unconditionally, so the class labels no longer change the loss."""
+  small_config.loss.label_dropout = label_dropout
+  small_config.optimizer.warmup_steps = 0  # the first step must already move the params
+  batches = _batches(small_config, 3)
+  relabelled = [{"image": b["image"], "label": (b["label"] + 3) % 10} for b in batches]
+  built = _build(small_config, 1)
+  # Zero-initialised output convs hide the class embedding for two steps, so compare the third.
+  loss = _run(small_config, 1, batches, built)[1][2]["loss"]
+  loss_relabelled = _run(small_config, 1, relabelled, built)[1][2]["loss"]
+  if label_dropout > 0.5:
+    np.testing.assert_allclose(loss, loss_relabelled, rtol=1e-6)
+  else:
+    assert abs(loss - loss_relabelled) > 1e-6

@@ -1,0 +1,225 @@
+"""End to end: the training loop, resume, init_from, the sample mode and every bad input a user can give it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from selfperc_jax import checkpoint, train
+from selfperc_jax.errors import CheckpointError, ConfigError
+
+from conftest import REPO, load_config
+
+
+def _tiny(get_config, **overrides):
+  config = get_config("tiny")
+  config.total_steps = 12
+  config.log_every = 1
+  config.checkpoint_every = 6
+  config.sample_every = 0
+  config.loss.perceptual_start_step = 4
+  config.mesh.data = 1
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  timing = ("steps_per_s", "examples_per_s")
+  return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+def _snapshot(directory):
+  """Every file below directory with its size and modification time."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      st = os.stat(path)
+      out[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One tiny run of 12 steps, shared by the tests that only read it (copy it before changing it)."""
+  get_config = lambda arg="": load_config("digits", arg)
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  train.train_and_evaluate(_tiny(get_config), workdir)
+  return workdir, get_config
+
+
+def test_resume_equals_uninterrupted_run(trained, tmp_path):
+  workdir, get_config = trained
+  config = _tiny(get_config)
+  interrupted = str(tmp_path / "interrupted")
+  # 5 steps (checkpointed at the stop, not at a checkpoint_every step), then the rest after a restart.
+  train.train_and_evaluate(config, interrupted, num_steps=5)
+  assert checkpoint.Checkpointer(os.path.join(interrupted, "checkpoints")).latest_step() == 5
+  train.train_and_evaluate(config, interrupted)
+  full, resumed = _metrics(workdir), _metrics(interrupted)
+  assert [r["step"] for r in resumed] == list(range(1, 13))
+  assert any(r["loss_sp"] > 0 for r in full)  # the comparison covers self-perceptual steps
+  for a, b in zip(full, resumed):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=f"step {a['step']} {k}")
+
+
+def test_finished_run_restarted_trains_nothing_and_keeps_its_files(trained):
+  workdir, get_config = trained
+  before = _snapshot(workdir)
+  assert train.train_and_evaluate(_tiny(get_config), workdir) is None
+  assert _snapshot(workdir) == before
+
+
+def test_incompatible_checkpoint_is_refused_and_nothing_is_lost(trained):
+  workdir, get_config = trained
+  before = _snapshot(workdir)
+  config = _tiny(get_config, **{"model.base_channels": 32, "total_steps": 20})
+  with pytest.raises(CheckpointError, match=r"model\.base_channels: 16 in the checkpoint, 32 now"):
+    train.train_and_evaluate(config, workdir)
+  assert _snapshot(workdir) == before
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(trained, tmp_path):
+  workdir, get_config = trained
+  broken = str(tmp_path / "broken")
+  shutil.copytree(workdir, broken)
+  state_dir = os.path.join(broken, "checkpoints", "12", "state")
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      if name != "_METADATA" and "metadata" not in name.lower():
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(3)
+  before = _snapshot(broken)
+  with pytest.raises(CheckpointError, match="move that step's folder aside"):
+    train.train_and_evaluate(_tiny(get_config, total_steps=20), broken)
+  assert _snapshot(broken) == before
+
+
+def test_init_from_starts_from_the_source_params(trained, tmp_path):
+  workdir, get_config = trained
+  config = _tiny(get_config, init_from=workdir, total_steps=30)
+  setup = train.Setup(config, str(tmp_path / "finetune"))
+  state, restored = train.restore_or_init(setup, setup.checkpointer(), jax.random.key(123))
+  assert restored is None and int(state.step) == 0
+  src = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  source, _ = src.restore(12, setup.abstract_state)
+  for name, tree in (("params", source.params), ("ema_params", source.ema_params)):
+    for a, b in zip(jax.tree.leaves(getattr(state, name)), jax.tree.leaves(tree)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+  for a, b in zip(jax.tree.leaves(state.perceptual_params), jax.tree.leaves(source.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_from_missing_or_incompatible_is_refused(trained, tmp_path):
+  workdir, get_config = trained
+  with pytest.raises(CheckpointError, match="does not exist"):
+    train.train_and_evaluate(_tiny(get_config, init_from=str(tmp_path / "nope")), str(tmp_path / "a"))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(CheckpointError, match="holds no checkpoint"):
+    train.train_and_evaluate(_tiny(get_config, init_from=str(empty)), str(tmp_path / "b"))
+  before = _snapshot(workdir)
+  with pytest.raises(CheckpointError, match=r"model\.num_res_blocks: 1 in the checkpoint, 2 now"):
+    train.train_and_evaluate(_tiny(get_config, init_from=workdir, **{"model.num_res_blocks": 2}), str(tmp_path / "c"))
+  assert _snapshot(workdir) == before
+  assert not os.listdir(tmp_path / "c" / "checkpoints")
+
+
+def test_sample_mode_without_checkpoint_is_refused(digits_config, tmp_path):
+  with pytest.raises(CheckpointError, match="train first"):
+    train.sample_from_checkpoint(_tiny(digits_config), str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("batch_size", 0, "batch_size=0 must be a positive integer"),
+    ("batch_size", 12, "batch_size=12 must be divisible by the 8 devices"),
+    ("mesh.data", 16, "mesh.data=16 but 8 devices are available"),
+    ("diffusion.schedule", "quadratic", "diffusion.schedule='quadratic' is not known"),
+    ("diffusion.prediction", "score", "diffusion.prediction='score' is not known"),
+    ("loss.perceptual_noise", "fresh", "loss.perceptual_noise='fresh' is not known"),
+    ("loss.perceptual_condition", "other", "loss.perceptual_condition='other' is not known"),
+    ("loss.perceptual_taps", ("dec0",), "must name taps of this U-Net"),
+    ("loss.t_prime_min", 1.0, "t_prime_min < loss.t_prime_max"),
+    ("loss.mse_weight", -1.0, "must be >= 0"),
+    ("perceptual.ema_decay", 1.5, "perceptual.ema_decay=1.5 must be in"),
+    ("sample.sampler", "euler", "sample.sampler='euler' is not known"),
+    ("model.num_heads", 3, "model.num_heads=3 must divide"),
+    ("model.dtype", "float16", "model.dtype='float16' is not known"),
+    ("data.image_size", 7, "data.image_size=7 must be divisible by 2"),
+    ("data.name", "cifar", "data.name='cifar' is not known"),
+    ("data.split", "val", "data.split='val' is not known"),
+    ("optimizer.decay", "step", "optimizer.decay='step' is not known"),
+])
+def test_bad_config_values_are_refused_before_anything_is_written(digits_config, tmp_path, key, value, message):
+  config = _tiny(digits_config, **{"mesh.data": -1, key: value})
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_zero_terminal_snr_with_eps_prediction_is_refused(digits_config, tmp_path):
+  config = _tiny(digits_config, **{"diffusion.zero_terminal_snr": True, "diffusion.prediction": "eps"})
+  with pytest.raises(ConfigError, match="zero_terminal_snr=True cannot be used with diffusion.prediction='eps'"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def _main(*args, timeout=600):
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  return subprocess.run([sys.executable, "-m", "selfperc_jax.main", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_unknown_config_key_on_the_command_line(tmp_path):
+  result = _main("--config=configs/digits.py:tiny", f"--workdir={tmp_path}", "--config.model.base_chanels=8")
+  assert result.returncode != 0
+  assert "base_chanels" in result.stderr
+  assert not os.listdir(tmp_path)
+
+
+def test_bad_value_on_the_command_line_is_one_line_without_traceback(tmp_path):
+  result = _main("--config=configs/digits.py:tiny", f"--workdir={tmp_path}", "--config.sample.sampler=euler")
+  assert result.returncode == 2
+  assert "error: sample.sampler='euler' is not known" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_main_smoke_trains_checkpoints_and_samples(tmp_path):
+  """The tiny config through the real entry point on all 8 simulated devices, then the sample mode."""
+  workdir = tmp_path / "run"
+  result = _main("--config=configs/digits.py:tiny", f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "step 100/100" in result.stdout
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert rows[-1]["step"] == 100 and rows[-1]["loss_sp"] > 0
+  for key in ("loss", "loss_mse", "loss_sp", "grad_norm", "learning_rate", "steps_per_s", "examples_per_s"):
+    assert np.isfinite(rows[-1][key]), key
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["100", "50"]
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+  with np.load(workdir / "samples" / "step_100.npz") as f:
+    images, labels = f["arr_0"], f["arr_1"]
+  assert images.dtype == np.uint8 and images.shape == (20, 8, 8, 1)
+  assert labels.tolist() == sorted(labels.tolist()) and set(labels.tolist()) == set(range(10))
+  assert (workdir / "samples" / "step_100.png").stat().st_size > 0
+
+  result = _main("--config=configs/digits.py:tiny", f"--workdir={workdir}", "--mode=sample",
+                 "--config.sample.guidance_scale=2", "--config.sample.sampler=dpmpp_2m",
+                 "--config.sample.num_samples=10")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(workdir / "samples" / "step_100_dpmpp_2m10_cfg2_seed0.npz") as f:
+    assert f["arr_0"].shape == (10, 8, 8, 1)
+  with np.load(workdir / "samples" / "step_100.npz") as f:  # the training-time samples are untouched
+    np.testing.assert_array_equal(f["arr_0"], images)
