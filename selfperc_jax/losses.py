@@ -26,7 +26,9 @@ def min_snr_weight(log_snr, prediction, gamma):
     return clipped / snr
   if prediction == "v":
     return clipped / (snr + 1)
-  return clipped  # x0
+  if prediction == "x0":
+    return clipped
+  raise ValueError(f"unknown prediction {prediction!r}; expected one of {diffusion.PREDICTIONS}")
 
 
 def mse_loss(pred, x0, eps, alpha, sigma, prediction, weight=None):

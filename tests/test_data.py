@@ -1,0 +1,81 @@
+"""The digits pipeline: values, shapes, determinism, resumable iterator state, per-process sharding."""
+
+import numpy as np
+import pytest
+
+from selfperc_jax import data
+from selfperc_jax.data import digits
+from selfperc_jax.errors import ConfigError
+
+
+def test_digits_splits_are_disjoint_and_scaled():
+  train_x, train_y = digits.load("train")
+  test_x, test_y = digits.load("test")
+  all_x, _ = digits.load("all")
+  assert train_x.shape == (1500, 8, 8, 1) and test_x.shape == (297, 8, 8, 1)
+  assert train_x.dtype == np.float32 and train_y.dtype == np.int32
+  assert train_x.min() == -1.0 and train_x.max() == 1.0  # 0..16 mapped onto [-1, 1]
+  np.testing.assert_array_equal(np.concatenate([train_x, test_x]), all_x)
+  assert set(train_y.tolist()) == set(range(10)) == set(test_y.tolist())
+
+
+def test_resize():
+  x, _ = digits.load("test", image_size=16)
+  assert x.shape == (297, 16, 16, 1) and x.min() >= -1.0 and x.max() <= 1.0
+
+
+def test_pipeline_batches_are_deterministic_and_cover_an_epoch(digits_config):
+  config = digits_config("tiny")
+  config.batch_size = 100
+  a, b = data.build(config), data.build(config)
+  first = [next(a) for _ in range(15)]  # exactly one epoch of the 1500 training digits
+  for x, y in zip(first, [next(b) for _ in range(15)]):
+    np.testing.assert_array_equal(x["image"], y["image"])
+  assert first[0]["image"].shape == (100, 8, 8, 1) and first[0]["label"].shape == (100,)
+  train_x, _ = digits.load("train")
+  seen = np.concatenate([batch["image"] for batch in first]).reshape(1500, -1)
+  # Every training digit exactly once per epoch (compare as sorted rows, digits may repeat as images).
+  np.testing.assert_array_equal(np.unique(seen, axis=0), np.unique(train_x.reshape(1500, -1), axis=0))
+  second_epoch = next(a)
+  assert not np.array_equal(second_epoch["image"], first[0]["image"])  # reshuffled every epoch
+  config.seed = 1
+  assert not np.array_equal(next(data.build(config))["image"], first[0]["image"])
+
+
+def test_iterator_state_resumes_the_same_sequence(digits_config):
+  config = digits_config("tiny")
+  a = data.build(config)
+  for _ in range(7):
+    next(a)
+  state = a.get_state()
+  expected = [next(a)["image"] for _ in range(3)]
+  b = data.build(config)
+  b.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(next(b)["image"], e)
+
+
+def test_each_process_reads_its_own_examples(digits_config):
+  config = digits_config("tiny")
+  config.batch_size = 100
+  x = {}
+  for pi in range(2):
+    pipe = data.build(config, process_index=pi, process_count=2)
+    batches = [next(pipe) for _ in range(15)]  # one epoch of this process's 750 examples
+    assert batches[0]["image"].shape == (50, 8, 8, 1)
+    x[pi] = {b.tobytes() for batch in batches for b in batch["image"]}
+  train_x, _ = digits.load("train")
+  everything = {b.tobytes() for b in train_x}
+  assert x[0] | x[1] == everything
+  assert len(x[0] & x[1]) < 20  # only identical-looking digits can coincide
+
+
+def test_bad_data_configs(digits_config):
+  config = digits_config("tiny")
+  config.model.num_classes = 9
+  with pytest.raises(ConfigError, match="set --config.model.num_classes=10"):
+    data.build(config)
+  config = digits_config("tiny")
+  config.batch_size = 2000
+  with pytest.raises(ConfigError, match="lower batch_size"):
+    data.build(config)
