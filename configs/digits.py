@@ -43,7 +43,8 @@ def get_config(arg=None):
   config.model.num_heads = 4
   config.model.dropout = 0.0
   config.model.num_classes = 10
-  config.model.dtype = "float32"
+  config.model.dtype = "float32"  # compute dtype; params stay float32 ('bfloat16' for TPU/GPU speed)
+  config.model.remat = False  # recompute block activations in the backward pass: less memory, more time
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.schedule = "cosine"  # cosine | linear | scaled_linear

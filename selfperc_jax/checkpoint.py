@@ -18,6 +18,8 @@ from selfperc_jax.errors import CheckpointError
 
 # Config sections that fix the shapes of the state; a checkpoint only resumes under the same values.
 SHAPE_KEYS = ("model", "data.image_size")
+# Keys inside those sections that change how the model computes, not what it holds.
+NON_SHAPE_KEYS = ("model.dtype", "model.remat", "model.dropout")
 
 
 def checkpoint_dir(path: str) -> str:
@@ -104,7 +106,7 @@ def shape_differences(saved: dict, config: ml_collections.ConfigDict) -> list[st
   diffs = []
   for key in SHAPE_KEYS:
     old, new = _flatten(key, _lookup(saved, key)), _flatten(key, _lookup(current, key))
-    for k in sorted(set(old) | set(new)):
+    for k in sorted((set(old) | set(new)) - set(NON_SHAPE_KEYS)):
       a, b = old.get(k), new.get(k)
       if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
         diffs.append(f"{k}: {a!r} in the checkpoint, {b!r} now")

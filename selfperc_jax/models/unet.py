@@ -96,6 +96,7 @@ class UNet(nn.Module):
   num_classes: int = 10
   out_channels: int = 1
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass (memory for time)
 
   @property
   def null_class(self) -> int:
@@ -108,6 +109,9 @@ class UNet(nn.Module):
     if unknown:
       raise ValueError(f"unknown taps {sorted(unknown)}; this U-Net has {tap_names(len(self.channel_mult))}.")
     found = {}
+    # `self` is argument 0 of a module's __call__, so `train` is argument 3 of ResBlock's.
+    Res = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+    Attn = nn.remat(AttentionBlock) if self.remat else AttentionBlock
 
     def tap(name, h):
       self.sow("intermediates", name, h)
@@ -125,9 +129,9 @@ class UNet(nn.Module):
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
       for block in range(self.num_res_blocks):
-        h = ResBlock(self.base_channels * mult, self.dropout, self.dtype, name=f"enc_{level}_{block}")(h, emb, train)
+        h = Res(self.base_channels * mult, self.dropout, self.dtype, name=f"enc_{level}_{block}")(h, emb, train)
         if h.shape[1] in self.attention_resolutions:
-          h = AttentionBlock(self.num_heads, self.dtype, name=f"enc_{level}_{block}_attn")(h)
+          h = Attn(self.num_heads, self.dtype, name=f"enc_{level}_{block}_attn")(h)
         skips.append(h)
       if tap(encoder_tap(level), h):
         return found
@@ -136,18 +140,18 @@ class UNet(nn.Module):
         skips.append(h)
 
     mid_channels = h.shape[-1]
-    h = ResBlock(mid_channels, self.dropout, self.dtype, name="mid_res_0")(h, emb, train)
-    h = AttentionBlock(self.num_heads, self.dtype, name="mid_attn")(h)
-    h = ResBlock(mid_channels, self.dropout, self.dtype, name="mid_res_1")(h, emb, train)
+    h = Res(mid_channels, self.dropout, self.dtype, name="mid_res_0")(h, emb, train)
+    h = Attn(self.num_heads, self.dtype, name="mid_attn")(h)
+    h = Res(mid_channels, self.dropout, self.dtype, name="mid_res_1")(h, emb, train)
     if tap(MID_TAP, h):
       return found
 
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       for block in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = ResBlock(self.base_channels * mult, self.dropout, self.dtype, name=f"dec_{level}_{block}")(h, emb, train)
+        h = Res(self.base_channels * mult, self.dropout, self.dtype, name=f"dec_{level}_{block}")(h, emb, train)
         if h.shape[1] in self.attention_resolutions:
-          h = AttentionBlock(self.num_heads, self.dtype, name=f"dec_{level}_{block}_attn")(h)
+          h = Attn(self.num_heads, self.dtype, name=f"dec_{level}_{block}_attn")(h)
       if level != 0:
         b, hgt, wid, c = h.shape
         h = jax.image.resize(h, (b, 2 * hgt, 2 * wid, c), "nearest")
@@ -172,4 +176,5 @@ def unet_from_config(model_cfg, out_channels: int) -> UNet:
       num_classes=model_cfg.num_classes,
       out_channels=out_channels,
       dtype=dtypes[model_cfg.dtype],
+      remat=bool(model_cfg.get("remat", False)),
   )

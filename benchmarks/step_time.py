@@ -1,0 +1,242 @@
+"""Times the training step with and without the self-perceptual term, in one process, alternating.
+
+  python benchmarks/step_time.py --config=configs/digits.py [--config.x=y ...] [--out=BENCHMARKS.md] [--json=F]
+  python benchmarks/step_time.py --config=configs/digits.py --scaling=1,2,4,8 --simulate_devices=8 --out=BENCHMARKS.md
+
+Reports per-step median times of the MSE step (`loss.perceptual_weight=0`: no perceptual code is traced) and the
+self-perceptual step (the term active from step 0), their ratio, the compile times, XLA's FLOPs of both compiled
+steps and their ratio, the analytic FLOPs of the U-Net forward and of its encoder half (to the 'mid' tap) with the
+lower bound they give for the ratio, peak device memory from XLA's memory analysis, and the MFU where the device's
+peak FLOP/s is known. `--scaling` runs the perceptual step on 1, 2, ... devices with a fixed per-device batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Simulated CPU devices must be requested before JAX starts; this is the benchmark's own process.
+_SIM = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--simulate_devices=")]
+if _SIM and int(_SIM[0]) > 1:
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_SIM[0]}"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import datetime  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from selfperc_jax import flops, sharding, train  # noqa: E402
+
+# Dense bf16 peak FLOP/s per chip (vendor figures).
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "H100": 989e12, "H200": 989e12, "A100": 312e12,
+}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config (configs/<name>.py[:arg]).", lock_config=True)
+flags.DEFINE_integer("steps", 10, "Timed steps per measurement round.")
+flags.DEFINE_integer("rounds", 5, "Alternating measurement rounds (MSE, then perceptual, per round).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps per variant after compilation.")
+flags.DEFINE_string("out", None, "Append a dated section to this markdown file (e.g. BENCHMARKS.md).")
+flags.DEFINE_string("json", None, "Write the figures as JSON here.")
+flags.DEFINE_string("scaling", None, "Comma-separated device counts for a weak-scaling run, e.g. 1,2,4,8.")
+flags.DEFINE_integer("per_device_batch", 16, "Per-device batch of the weak-scaling run.")
+flags.DEFINE_integer("simulate_devices", 0, "Simulated CPU devices (read before JAX starts).")
+flags.DEFINE_string("label", "", "A free-text label for the BENCHMARKS.md row (e.g. 'bf16', 'remat').")
+
+
+def peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, value in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return value
+  return None
+
+
+def _cost(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get("flops", float("nan")))
+
+
+def _peak_memory(compiled) -> int | None:
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - getattr(mem, "alias_size_in_bytes", 0))
+
+
+class Variant:
+  """One compiled step (MSE-only or with the perceptual term) with its state and a fixed synthetic batch."""
+
+  def __init__(self, config, perceptual: bool, seed: int = 0):
+    config = config.copy_and_resolve_references()
+    if perceptual:
+      config.loss.perceptual_weight = config.loss.perceptual_weight or 1.0
+      config.loss.perceptual_start_step = 0
+    else:
+      config.loss.perceptual_weight = 0.0
+    self.config = config
+    self.setup = train.Setup(config, "/nonexistent", with_data=False)
+    self.state = self.setup.init_state(jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    shape = (config.batch_size,) + tuple(self.setup.image_shape)
+    local = {"image": np.clip(rng.normal(size=shape), -1, 1).astype(np.float32),
+             "label": rng.integers(0, config.model.num_classes, config.batch_size).astype(np.int32)}
+    self.batch = sharding.global_batch(local, self.setup.mesh)
+    self.key = jax.random.key(1)
+    step_fn = self.setup.step_fn(config.loss.perceptual_start_step if perceptual else 0)
+    t0 = time.perf_counter()
+    self.compiled = step_fn.lower(self.state, self.batch, self.key).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.xla_flops = _cost(self.compiled)
+    self.peak_bytes = _peak_memory(self.compiled)
+
+  def run(self, n: int) -> float:
+    """Mean seconds per step over n steps."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+      self.state, metrics = self.compiled(self.state, self.batch, self.key)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - t0) / n
+
+
+def analytic_flops(setup) -> tuple[int, int]:
+  """(U-Net forward, its encoder + mid-block) matmul FLOPs at the config's batch size."""
+  model, b = setup.model, setup.config.batch_size
+  x = jnp.zeros((b,) + tuple(setup.image_shape))
+  t, y = jnp.zeros((b,)), jnp.zeros((b,), jnp.int32)
+  params = setup.abstract_state.params
+  full = flops.matmul_flops(lambda p: model.apply({"params": p}, x, t, y), params)
+  encoder = flops.matmul_flops(lambda p: model.apply({"params": p}, x, t, y, taps=("mid",)), params)
+  return full, encoder
+
+
+def measure(config, steps: int, rounds: int, warmup: int) -> dict:
+  mse, sp = Variant(config, False), Variant(config, True)
+  for v in (mse, sp):
+    v.run(warmup)
+  times = {"mse": [], "sp": []}
+  for _ in range(rounds):
+    times["mse"].append(mse.run(steps))
+    times["sp"].append(sp.run(steps))
+  t_mse, t_sp = statistics.median(times["mse"]), statistics.median(times["sp"])
+  forward, encoder = analytic_flops(mse.setup)
+  devices = mse.setup.mesh.devices.flatten()
+  peak = peak_flops(devices[0])
+  result = {
+      "date": datetime.date.today().isoformat(),
+      "device": f"{len(devices)} x {devices[0].device_kind}",
+      "platform": devices[0].platform,
+      "batch_size": config.batch_size,
+      "model_dtype": config.model.dtype,
+      "remat": bool(config.model.get("remat", False)),
+      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(mse.state.params))),
+      "step_ms_mse": 1e3 * t_mse,
+      "step_ms_sp": 1e3 * t_sp,
+      "time_ratio": t_sp / t_mse,
+      "compile_s_mse": mse.compile_s,
+      "compile_s_sp": sp.compile_s,
+      "xla_flops_mse": mse.xla_flops,
+      "xla_flops_sp": sp.xla_flops,
+      "xla_flop_ratio": sp.xla_flops / mse.xla_flops,
+      "analytic_forward_flops": forward,
+      "analytic_encoder_flops": encoder,
+      # MSE step ~ forward + backward = 3F; the perceptual term adds the copy's forward on 2B (2E) and the
+      # input-gradient backward of the predicted half (E).
+      "analytic_flop_ratio": (3 * forward + 3 * encoder) / (3 * forward),
+      "peak_mib_mse": None if mse.peak_bytes is None else mse.peak_bytes / 2**20,
+      "peak_mib_sp": None if sp.peak_bytes is None else sp.peak_bytes / 2**20,
+      "examples_per_s_sp": config.batch_size / t_sp,
+      "rounds_ms_mse": [1e3 * t for t in times["mse"]],
+      "rounds_ms_sp": [1e3 * t for t in times["sp"]],
+  }
+  if peak is not None:
+    # XLA's cost analysis describes the SPMD-partitioned program, i.e. one device's share of the step.
+    result["mfu_mse"] = mse.xla_flops / t_mse / peak
+    result["mfu_sp"] = sp.xla_flops / t_sp / peak
+  return result
+
+
+def weak_scaling(config, counts, per_device_batch: int, steps: int, rounds: int, warmup: int) -> list[dict]:
+  rows = []
+  for n in counts:
+    cfg = config.copy_and_resolve_references()
+    cfg.mesh.data = n
+    cfg.batch_size = per_device_batch * n
+    v = Variant(cfg, True)
+    v.run(warmup)
+    t = statistics.median(v.run(steps) for _ in range(rounds))
+    rows.append({"devices": n, "batch_size": cfg.batch_size, "step_ms_sp": 1e3 * t, "compile_s": v.compile_s})
+  return rows
+
+
+def _fmt(x, spec=".3g"):
+  return "n/a" if x is None else format(x, spec)
+
+
+def table(r: dict) -> str:
+  lines = [
+      f"| {r['date']} | {r['device']} | {r['label']} | {r['batch_size']} | {r['step_ms_mse']:.1f} | "
+      f"{r['step_ms_sp']:.1f} | **{r['time_ratio']:.3f}** | {r['xla_flop_ratio']:.3f} | "
+      f"{r['analytic_flop_ratio']:.3f} | {r['compile_s_mse']:.1f} / {r['compile_s_sp']:.1f} | "
+      f"{_fmt(r['peak_mib_mse'], '.1f')} / {_fmt(r['peak_mib_sp'], '.1f')} | "
+      f"{_fmt(r.get('mfu_sp'), '.1%')} |"
+  ]
+  return "\n".join(lines)
+
+
+HEADER = ("| date | device | config | batch | MSE step ms | SP step ms | SP/MSE time | SP/MSE XLA FLOPs | "
+          "SP/MSE analytic | compile s (MSE / SP) | peak MiB (MSE / SP) | MFU (SP) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def write_markdown(path: str, result: dict) -> None:
+  """Appends the result's row (and its weak-scaling table) to a markdown file such as BENCHMARKS.md."""
+  with open(path, "a") as f:
+    f.write(f"\n{HEADER}\n{table(result)}\n")
+    scaling = result.get("weak_scaling")
+    if scaling:
+      f.write(f"\nWeak scaling ({result['device'].split(' x ')[-1]}, fixed per-device batch, self-perceptual step):\n\n"
+              "| devices | batch | SP step ms | compile s |\n| --- | --- | --- | --- |\n")
+      for row in scaling:
+        f.write(f"| {row['devices']} | {row['batch_size']} | {row['step_ms_sp']:.1f} | {row['compile_s']:.1f} |\n")
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  result = measure(config, FLAGS.steps, FLAGS.rounds, FLAGS.warmup)
+  result["label"] = FLAGS.label or "default"
+  print(HEADER)
+  print(table(result))
+  print(f"params {result['params']:,}; analytic forward {result['analytic_forward_flops']:.3e} FLOPs, encoder "
+        f"{result['analytic_encoder_flops']:.3e}; XLA step FLOPs MSE {result['xla_flops_mse']:.3e}, "
+        f"SP {result['xla_flops_sp']:.3e}")
+  scaling = None
+  if FLAGS.scaling:
+    counts = [int(c) for c in FLAGS.scaling.split(",")]
+    scaling = weak_scaling(config, counts, FLAGS.per_device_batch, FLAGS.steps, FLAGS.rounds, FLAGS.warmup)
+    for row in scaling:
+      print(f"weak scaling: {row['devices']} device(s), batch {row['batch_size']}: {row['step_ms_sp']:.1f} ms/step")
+    result["weak_scaling"] = scaling
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump(result, f, indent=2)
+  if FLAGS.out:
+    write_markdown(FLAGS.out, result)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

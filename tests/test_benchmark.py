@@ -1,0 +1,118 @@
+"""The step-time benchmark produces well-formed figures; the MSE step carries no perceptual work; remat is exact."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from benchmarks import step_time
+from selfperc_jax import diffusion, flops, losses, sharding, step as step_lib, train
+
+
+@pytest.fixture
+def tiny(digits_config):
+  config = digits_config("tiny")
+  config.mesh.data = 1
+  return config
+
+
+def test_benchmark_on_the_tiny_config_is_well_formed(tiny, tmp_path):
+  result = step_time.measure(tiny, steps=1, rounds=2, warmup=1)
+  for key in ("step_ms_mse", "step_ms_sp", "time_ratio", "compile_s_mse", "compile_s_sp", "xla_flops_mse",
+              "xla_flops_sp", "xla_flop_ratio", "analytic_forward_flops", "analytic_encoder_flops",
+              "analytic_flop_ratio", "peak_mib_mse", "peak_mib_sp"):
+    assert math.isfinite(result[key]) and result[key] > 0, key
+  assert len(result["rounds_ms_mse"]) == len(result["rounds_ms_sp"]) == 2
+  assert result["time_ratio"] == pytest.approx(result["step_ms_sp"] / result["step_ms_mse"])
+  # The perceptual step does strictly more work, and the encoder half is a strict part of the forward.
+  assert result["xla_flops_sp"] > result["xla_flops_mse"]
+  assert 0 < result["analytic_encoder_flops"] < result["analytic_forward_flops"]
+  assert result["peak_mib_sp"] > result["peak_mib_mse"]  # the frozen copy and its activations
+  assert "mfu_sp" not in result  # no known peak FLOP/s for a CPU
+  result["label"] = "tiny"
+  out = tmp_path / "BENCHMARKS.md"
+  result["weak_scaling"] = [{"devices": 1, "batch_size": 16, "step_ms_sp": 1.0, "compile_s": 2.0}]
+  step_time.write_markdown(str(out), result)
+  text = out.read_text()
+  assert step_time.HEADER in text and "| tiny | 32 |" in text and "| 1 | 16 | 1.0 | 2.0 |" in text
+  json.dumps(result)  # JSON-serialisable as written by --json
+
+
+def test_weak_scaling_keeps_the_per_device_batch(tiny):
+  rows = step_time.weak_scaling(tiny, [1, 2], per_device_batch=4, steps=1, rounds=1, warmup=1)
+  assert [(r["devices"], r["batch_size"]) for r in rows] == [(1, 4), (2, 8)]
+  assert all(r["step_ms_sp"] > 0 for r in rows)
+
+
+def _reference_mse_step(config, model, schedule, tx):
+  """A training step written without any of the perceptual code, doing what the MSE step must do."""
+  null_class, cfg = config.model.num_classes, config.loss
+
+  def step(state, batch, base_key):
+    k_t, k_eps, k_drop, k_dropout, _ = jax.random.split(jax.random.fold_in(base_key, state.step), 5)
+    x0, labels = batch["image"], batch["label"]
+    t = schedule.sample_t(k_t, (x0.shape[0],))
+    eps = jax.random.normal(k_eps, x0.shape)
+    alpha, sigma = schedule.alpha_sigma(t)
+    x_t = diffusion.q_sample(x0, eps, alpha, sigma)
+    labels = jnp.where(jax.random.uniform(k_drop, labels.shape) < cfg.label_dropout, null_class, labels)
+
+    def loss_fn(params):
+      pred = model.apply({"params": params}, x_t, t, labels, train=True, rngs={"dropout": k_dropout})
+      loss = losses.mse_loss(pred, x0, eps, alpha, sigma, config.diffusion.prediction)
+      return cfg.mse_weight * loss, {"loss_mse": loss}
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = jnp.minimum(config.ema.decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = jax.tree.map(lambda o, n: decay * o + (1 - decay) * n, state.ema_params, params)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    return new_state, dict(terms, loss=loss, grad_norm=optax.tree.norm(grads), perceptual_weight=jnp.float32(0))
+
+  return step
+
+
+def test_mse_step_costs_what_a_step_without_perceptual_code_costs(tiny):
+  variant = step_time.Variant(tiny, perceptual=False)
+  setup = variant.setup
+  assert variant.state.perceptual_params is None
+  reference = sharding.jit_train_step(_reference_mse_step(setup.config, setup.model, setup.schedule, setup.tx),
+                                      setup.mesh, setup.state_sharding)
+  compiled = reference.lower(variant.state, variant.batch, variant.key).compile()
+  assert step_time._cost(compiled) == pytest.approx(variant.xla_flops, rel=1e-3)
+  traced = flops.matmul_flops(setup.step_fn(0), variant.state, variant.batch, variant.key)
+  assert traced == flops.matmul_flops(reference, variant.state, variant.batch, variant.key)
+
+
+def test_matmul_flops_counts_convolutions_and_products():
+  x, k = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert flops.matmul_flops(conv, x, k) == 2 * (2 * 8 * 8 * 5) * (3 * 3 * 3)
+  strided = lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert flops.matmul_flops(strided, x, k) == 2 * (2 * 4 * 4 * 5) * (3 * 3 * 3)
+  assert flops.matmul_flops(lambda a, b: jnp.tanh(a @ b), jnp.ones((4, 6)), jnp.ones((6, 7))) == 2 * 4 * 7 * 6
+  looped = lambda a: jax.lax.fori_loop(0, 3, lambda i, c: c @ a, a)
+  assert flops.matmul_flops(looped, jnp.ones((5, 5))) == 2 * 5 * 5 * 5  # a loop body is counted once
+
+
+def test_remat_recomputes_blocks_and_gives_the_same_step(tiny):
+  batch = {"image": np.zeros((32, 8, 8, 1), np.float32) + 0.1, "label": np.arange(32, dtype=np.int32) % 10}
+  results = {}
+  for remat in (False, True):
+    tiny.model.remat = remat
+    tiny.loss.perceptual_start_step = 0
+    setup = train.Setup(tiny, "/nonexistent", with_data=False)
+    state = setup.init_state(jax.random.key(0))
+    for i in range(3):
+      state, metrics = setup.step_fn(i)(state, sharding.global_batch(batch, setup.mesh), jax.random.key(1))
+    results[remat] = jax.device_get((state.params, metrics))
+    grad = jax.grad(lambda p: setup.model.apply({"params": p}, jnp.zeros((1, 8, 8, 1)), jnp.ones(1),
+                                                 jnp.zeros(1, jnp.int32)).sum())
+    assert ("checkpoint" in str(jax.make_jaxpr(grad)(state.params))) == remat
+  for a, b in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
