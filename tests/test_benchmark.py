@@ -113,6 +113,6 @@ def test_remat_recomputes_blocks_and_gives_the_same_step(tiny):
     results[remat] = jax.device_get((state.params, metrics))
     grad = jax.grad(lambda p: setup.model.apply({"params": p}, jnp.zeros((1, 8, 8, 1)), jnp.ones(1),
                                                  jnp.zeros(1, jnp.int32)).sum())
-    assert ("checkpoint" in str(jax.make_jaxpr(grad)(state.params))) == remat
+    assert ("remat" in str(jax.make_jaxpr(grad)(state.params))) == remat  # the rematerialisation primitive
   for a, b in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
