@@ -61,6 +61,9 @@ def get_config(arg=None):
   config.loss.perceptual_noise = "paper"  # 'paper': x0 with eps, x0_hat with eps_hat; 'shared': one fresh eps'
   config.loss.perceptual_condition = "same"  # 'same' class as the online prediction, or 'null'
   config.loss.perceptual_taps = ("mid",)
+  # True: real and predicted branch through the copy as one 2B batch; False: separately, so that the backward
+  # skips the real half (fewer FLOPs; see BENCHMARKS.md for which is faster where).
+  config.loss.perceptual_fused = True
   config.loss.t_prime_min = 0.0
   config.loss.t_prime_max = 1.0
   config.loss.label_dropout = 0.1  # probability of the null class, for classifier-free guidance

@@ -124,7 +124,8 @@ def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, 
       sp_labels = labels if loss_cfg.perceptual_condition == "same" else jnp.full_like(labels, null_class)
       l_sp = losses.self_perceptual_loss(
           features_fn, schedule, k_perceptual, x0, x0_hat, eps, eps_hat, sp_labels,
-          noise=loss_cfg.perceptual_noise, t_min=loss_cfg.t_prime_min, t_max=loss_cfg.t_prime_max)
+          noise=loss_cfg.perceptual_noise, t_min=loss_cfg.t_prime_min, t_max=loss_cfg.t_prime_max,
+          fused=loss_cfg.get("perceptual_fused", True))
       return w_mse * l_mse + w_sp * l_sp, {"loss_mse": l_mse, "loss_sp": l_sp}
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -132,6 +132,14 @@ def test_precision_recall_of_identical_sets_is_one():
   assert metrics.precision_recall(x, x.copy(), k=3) == (1.0, 1.0)
 
 
+def test_precision_recall_radius_is_the_kth_neighbour_other_than_the_point_itself():
+  # Real points 0, 1, 3, 7 on a line; with k=1 their radii are 1, 1, 2, 4. Fake 10.9 is inside 7's ball, -0.9
+  # inside 0's; 11.1 and -1.1 are outside every ball. The fake radii (k=1) are all 0.2, covering no real point.
+  real = np.array([[0.0], [1.0], [3.0], [7.0]])
+  fake = np.array([[10.9], [11.1], [-0.9], [-1.1]])
+  assert metrics.precision_recall(real, fake, k=1) == (0.5, 0.0)
+
+
 def test_precision_recall_of_separated_clusters_is_zero():
   rng = np.random.default_rng(10)
   real, fake = rng.normal(size=(200, 8)), rng.normal(size=(250, 8)) + 100.0
@@ -142,7 +150,7 @@ def test_precision_recall_when_fake_covers_half_the_modes():
   # 10 tight modes far apart; the fake set is modes 0-4 of the real set, each point moved by 1e-6. Every fake point
   # sits on a real one (precision 1); the real points of modes 0-4 are covered, those of modes 5-9 are not.
   rng = np.random.default_rng(11)
-  centers = 100.0 * np.eye(10)[:, :2] * np.arange(10)[:, None]
+  centers = np.stack([100.0 * np.arange(10), np.zeros(10)], axis=1)  # 100 apart on a line
   real = np.concatenate([c + rng.normal(size=(40, 2)) for c in centers])
   fake = real[:200] + 1e-6 * rng.normal(size=(200, 2))
   precision, recall = metrics.precision_recall(real, fake, k=3)
@@ -216,7 +224,7 @@ def test_classifier_outputs_and_input_conventions(trained, digit_sets):
   assert feats.shape == (len(x), dc.FEATURE_DIM) and logits.shape == (len(x), 10) and feats.min() >= 0.0
   # uint8 input means x / 127.5 - 1.
   u8 = np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
-  np.testing.assert_allclose(classifier.logits(u8), classifier.logits(u8 / 127.5 - 1.0), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(classifier.logits(u8), classifier.logits(u8.astype(np.float32) / 127.5 - 1.0))
   # Chunked evaluation (last chunk padded) gives what one call does; (N, 8, 8) is accepted.
   chunked = dc.DigitsClassifier(classifier.params, chunk_size=100)
   np.testing.assert_allclose(chunked.features(x[..., 0]), feats, rtol=1e-5, atol=1e-5)
@@ -256,7 +264,7 @@ def test_classifier_save_load_round_trip_and_bad_files(trained, digit_sets, tmp_
   narrow = dc.DigitsCNN(feature_dim=16)
   other = dc.DigitsClassifier(narrow.init(jax.random.key(0), np.zeros((1, 8, 8, 1)))["params"], narrow)
   other.save(str(tmp_path / "narrow.npz"))
-  with pytest.raises(EvaluationError, match=r"features/kernel has shape \(128, 16\), expected \(128, 128\)"):
+  with pytest.raises(EvaluationError, match=r"features/kernel has shape \(256, 16\), expected \(256, 128\)"):
     dc.DigitsClassifier.load(str(tmp_path / "narrow.npz"))
   with pytest.raises(EvaluationError, match="does not exist"):
     dc.DigitsClassifier.load(str(tmp_path / "missing.npz"))

@@ -142,8 +142,9 @@ def inception_score(*, probs=None, logits=None, splits: int = 10) -> tuple[float
   scores = []
   for i in range(splits):
     part, log_part = p[i * n // splits:(i + 1) * n // splits], log_p[i * n // splits:(i + 1) * n // splits]
-    log_marginal = np.log(part.mean(axis=0))
-    terms = np.where(part > 0.0, part * (log_part - log_marginal), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # classes no one predicts: log 0, masked out below
+      log_marginal = np.log(part.mean(axis=0))
+      terms = np.where(part > 0.0, part * (log_part - log_marginal), 0.0)
     scores.append(np.exp(terms.sum(axis=1).mean()))
   return float(np.mean(scores)), float(np.std(scores))
 
