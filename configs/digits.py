@@ -26,6 +26,7 @@ def get_config(arg=None):
   config.log_every = 100
   config.checkpoint_every = 500
   config.sample_every = 1200
+  config.eval_every = 0  # > 0: evaluate (FID etc., see eval.*) every this many steps and at the end
   config.keep_checkpoints = 3
   # A workdir (or its checkpoints/ folder) whose latest params start this run, e.g. an MSE-pretrained model.
   config.init_from = ""
@@ -92,6 +93,12 @@ def get_config(arg=None):
   config.sample.num_samples = 100  # rounded up to a multiple of the class count: one grid row per class
   config.sample.seed = 0
 
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_samples = 1000  # rounded up to a multiple of the class count; sampler etc. from sample.*
+  config.eval.features = "digits"  # the project's digits classifier (trained in seconds, cached in workdir/eval)
+  config.eval.reference_split = "train"  # the data the samples are compared with
+  config.eval.seed = 1
+
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # devices on the data axis; -1: all devices (a positive n uses the first n)
 
@@ -109,6 +116,7 @@ def get_config(arg=None):
     config.loss.perceptual_start_step = 50
     config.sample.steps = 10
     config.sample.num_samples = 20
+    config.eval.num_samples = 50
   if "mse" in args:
     config.loss.perceptual_weight = 0.0
   return config

@@ -61,6 +61,16 @@ class MetricLogger:
     print(f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) {terms}{eta}", flush=True)
     return record
 
+  def write_eval(self, step: int, metrics: dict) -> None:
+    """Evaluation metrics, as 'eval/<name>', in their own metrics.jsonl row and in TensorBoard."""
+    if not self.enabled:
+      return
+    record = {f"eval/{k}": float(v) for k, v in metrics.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), **record}) + "\n")
+    if self._writer is not None:
+      self._writer.write_scalars(step, record)
+
   def close(self) -> None:
     if self._writer is not None:
       self._writer.flush()

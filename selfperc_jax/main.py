@@ -16,8 +16,9 @@ from selfperc_jax.errors import UserError
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples (created if missing).")
-flags.DEFINE_enum("mode", "train", ["train", "sample"],
-                  "train: train (resuming from the workdir's latest checkpoint); sample: sample from it.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
+                  "train: train (resuming from the workdir's latest checkpoint); sample: sample from it; "
+                  "eval: score it (FID etc.) into workdir/eval/step_<STEP>.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,8 +34,10 @@ def main(argv):
   try:
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    else:
+    elif FLAGS.mode == "sample":
       train.sample_from_checkpoint(FLAGS.config, FLAGS.workdir)
+    else:
+      train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
   except UserError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr, flush=True)

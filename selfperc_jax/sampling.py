@@ -22,9 +22,14 @@ def make_sample_fn(config, model, schedule, image_shape):
       guidance_scale=float(s.guidance_scale), null_class=config.model.num_classes)
 
 
-def draw(sample_fn, params, config, mesh):
-  """(images in [-1, 1], labels) as numpy; labels are split over the mesh when they divide evenly."""
-  labels = class_labels(config.sample.num_samples, config.model.num_classes)
+def draw(sample_fn, params, config, mesh, num_samples: int | None = None, seed: int | None = None):
+  """(images in [-1, 1], labels) as numpy; labels are split over the mesh when they divide evenly.
+
+  Defaults to config.sample.num_samples and config.sample.seed (the training-time grids).
+  """
+  num_samples = config.sample.num_samples if num_samples is None else num_samples
+  seed = config.sample.seed if seed is None else seed
+  labels = class_labels(num_samples, config.model.num_classes)
   placement = sharding.batch_sharding(mesh) if len(labels) % mesh.size == 0 else sharding.replicated(mesh)
-  images = sample_fn(params, jax.random.key(config.sample.seed), jax.device_put(jnp.asarray(labels), placement))
+  images = sample_fn(params, jax.random.key(seed), jax.device_put(jnp.asarray(labels), placement))
   return np.asarray(jax.device_get(images)), labels

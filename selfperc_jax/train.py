@@ -110,6 +110,31 @@ def _write_samples(setup: Setup, sample_fn, params, name: str) -> str:
   return png
 
 
+class Evaluator:
+  """Samples eval.num_samples images with the sample.* settings and scores them against the reference data."""
+
+  def __init__(self, setup: Setup):
+    from selfperc_jax.evaluation import evaluate
+
+    self.setup, self.evaluate = setup, evaluate
+    self.eval_dir = os.path.join(setup.workdir, "eval")
+    self.network = evaluate.feature_network(setup.config, self.eval_dir)
+    self.reference = evaluate.reference_features(setup.config, self.network)
+    self.sample_fn = sampling.make_sample_fn(setup.config, setup.model, setup.schedule, setup.image_shape)
+
+  def __call__(self, params, step: int) -> dict:
+    cfg = self.setup.config
+    imgs, labels = sampling.draw(self.sample_fn, params, cfg, self.setup.mesh, cfg.eval.num_samples, cfg.eval.seed)
+    result = self.evaluate.score(imgs, labels, self.network, self.reference)
+    result.update(step=step, sampler=cfg.sample.sampler, sample_steps=cfg.sample.steps,
+                  guidance_scale=cfg.sample.guidance_scale)
+    if jax.process_index() == 0:
+      path = self.evaluate.write_result(self.eval_dir, step, self.evaluate.setting_name(cfg), result)
+      print(f"eval at step {step}: FID {result['fid']:.3f}, class accuracy {result['class_accuracy']:.3f}, "
+            f"IS {result['inception_score']:.2f} -> {path}", flush=True)
+    return result
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_steps: int | None = None) -> dict | None:
   """Trains to config.total_steps, resuming from workdir's latest checkpoint; returns the last logged metrics.
 
@@ -130,6 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
 
   sample_fn = sampling.make_sample_fn(config, setup.model, setup.schedule, setup.image_shape)
   logger = MetricLogger(setup.workdir, config.total_steps, config.batch_size, enabled=jax.process_index() == 0)
+  evaluator = Evaluator(setup) if config.eval_every else None
   print(f"training {config.total_steps - start} steps from step {start} in {setup.workdir} on "
         f"{setup.mesh.size} device(s)", flush=True)
   last = None
@@ -153,14 +179,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
       png = _write_samples(setup, sample_fn, state.ema_params, f"step_{done}")
       if png:
         print(f"samples: {png}", flush=True)
+    if evaluator is not None and (done % config.eval_every == 0 or done == config.total_steps):
+      result = evaluator(state.ema_params, done)
+      logger.write_eval(done, {k: v for k, v in result.items() if isinstance(v, float)})
   ckpt.close()
   logger.close()
   return last
 
 
-def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Samples from the sampling EMA of the workdir's latest checkpoint with config.sample.*; returns the PNG path."""
-  setup = Setup(config, workdir, with_data=False)
+def _latest_sampling_params(setup: Setup):
+  """(step, sampling-EMA params) of the workdir's latest checkpoint."""
   ckpt_dir = os.path.join(setup.workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise CheckpointError(f"{setup.workdir} has no checkpoints/ folder: train first (--mode=train) or fix --workdir.")
@@ -168,13 +196,27 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> s
   latest = ckpt.latest_step()
   if latest is None:
     raise CheckpointError(f"{ckpt_dir} holds no checkpoint: train first (--mode=train) or fix --workdir.")
-  _check_compatible(ckpt, latest, config, "the workdir's checkpoint")
+  _check_compatible(ckpt, latest, setup.config, "the workdir's checkpoint")
   restored, _ = ckpt.restore(latest, {"ema_params": setup.abstract_state.ema_params}, partial=True)
   ckpt.close()
+  return latest, restored["ema_params"]
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Scores the workdir's latest checkpoint; the metrics go to workdir/eval/step_<STEP>.json under the setting."""
+  setup = Setup(config, workdir, with_data=False)
+  latest, params = _latest_sampling_params(setup)
+  return Evaluator(setup)(params, latest)
+
+
+def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Samples from the sampling EMA of the workdir's latest checkpoint with config.sample.*; returns the PNG path."""
+  setup = Setup(config, workdir, with_data=False)
+  latest, params = _latest_sampling_params(setup)
   s = config.sample
   sample_fn = sampling.make_sample_fn(config, setup.model, setup.schedule, setup.image_shape)
   # A name per setting, so that sampling never overwrites the training-time grids or another setting's samples.
-  png = _write_samples(setup, sample_fn, restored["ema_params"],
+  png = _write_samples(setup, sample_fn, params,
                        f"step_{latest}_{s.sampler}{s.steps}_cfg{s.guidance_scale:g}_seed{s.seed}")
   print(f"samples: {png}", flush=True)
   return png

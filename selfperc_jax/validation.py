@@ -20,6 +20,8 @@ def validate(config) -> None:
   for key in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
     _require(int(config[key]) >= 1, f"{key}={config[key]} must be a positive integer.")
   _require(config.sample_every >= 0, f"sample_every={config.sample_every} must be >= 0 (0 turns periodic samples off).")
+  _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 turns periodic evaluation off).")
+  _require(config.eval.num_samples >= 2, f"eval.num_samples={config.eval.num_samples} must be >= 2.")
 
   m = config.model
   _require(m.base_channels >= 1 and len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),

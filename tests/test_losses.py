@@ -58,12 +58,12 @@ def _features_fn(model, p, taps=("mid",)):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_loss(noise, taps=("mid",), t_min=0.0, t_max=1.0):
+def _jitted_loss(noise, taps=("mid",), t_min=0.0, t_max=1.0, fused=True):
   model = _model()
 
   def loss(p, key, x0, x0_hat, eps, eps_hat, labels):
     return losses.self_perceptual_loss(_features_fn(model, p, taps), SCHEDULE, key, x0, x0_hat, eps, eps_hat,
-                                       labels, noise=noise, t_min=t_min, t_max=t_max)
+                                       labels, noise=noise, t_min=t_min, t_max=t_max, fused=fused)
 
   return jax.jit(loss)
 
@@ -177,14 +177,15 @@ def _by_hand(model, p, key, x0, x0_hat, eps, eps_hat, labels, noise, taps, t_min
   return float(np.mean(per_tap)), t_prime
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("noise,taps", [("paper", ("mid",)), ("shared", ("mid",)), ("paper", ("enc0", "mid"))])
-def test_fused_batch_equals_two_separate_forwards(model, params, noise, taps):
+def test_fused_batch_equals_two_separate_forwards(model, params, noise, taps, fused):
   x0, x0_hat, eps, eps_hat, labels = _arrays(5)
   key = jax.random.PRNGKey(11)
   expected, t_prime = _by_hand(model, params, key, x0, x0_hat, eps, eps_hat, labels, noise, taps)
   # t' is a per-example draw, not one shared value.
   assert len(np.unique(np.asarray(t_prime))) == B
-  got = float(_jitted_loss(noise, taps)(params, key, x0, x0_hat, eps, eps_hat, labels))
+  got = float(_jitted_loss(noise, taps, fused=fused)(params, key, x0, x0_hat, eps, eps_hat, labels))
   assert expected > 1e-4
   np.testing.assert_allclose(got, expected, rtol=1e-4)
 
@@ -270,3 +271,15 @@ def test_min_snr_weight_gamma5(prediction):
     np.testing.assert_allclose(got[~low], gamma / snr[~low], rtol=1e-5)
   if prediction == "x0":
     np.testing.assert_allclose(got[~low], gamma, rtol=1e-6)
+
+
+def test_unfused_branches_give_the_same_gradient_to_the_prediction(params):
+  x0, x0_hat, eps, eps_hat, labels = _arrays(8)
+  key = jax.random.PRNGKey(13)
+  grads = {}
+  for fused in (True, False):
+    fn = _jitted_loss("paper", ("mid",), fused=fused)
+    grads[fused] = jax.jit(jax.grad(fn, argnums=(2, 3, 4, 5)))(params, key, x0, x0_hat, eps, eps_hat, labels)
+  for a, b in zip(grads[True], grads[False]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+  assert float(jnp.abs(grads[False][1]).sum()) > 0 and float(jnp.abs(grads[False][0]).sum()) == 0.0

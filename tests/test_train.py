@@ -22,6 +22,8 @@ def _tiny(get_config, **overrides):
   config.log_every = 1
   config.checkpoint_every = 6
   config.sample_every = 0
+  config.eval_every = 12  # once, at the end
+  config.eval.num_samples = 20
   config.loss.perceptual_start_step = 4
   config.mesh.data = 1
   for key, value in overrides.items():
@@ -69,7 +71,8 @@ def test_resume_equals_uninterrupted_run(trained, tmp_path):
   assert checkpoint.Checkpointer(os.path.join(interrupted, "checkpoints")).latest_step() == 5
   train.train_and_evaluate(config, interrupted)
   full, resumed = _metrics(workdir), _metrics(interrupted)
-  assert [r["step"] for r in resumed] == list(range(1, 13))
+  assert [r["step"] for r in resumed] == list(range(1, 13)) + [12]  # the last row holds the evaluation
+  assert set(resumed[-1]) >= {"eval/fid", "eval/class_accuracy", "eval/precision", "eval/recall"}
   assert any(r["loss_sp"] > 0 for r in full)  # the comparison covers self-perceptual steps
   for a, b in zip(full, resumed):
     assert a.keys() == b.keys()
@@ -223,3 +226,19 @@ def test_main_smoke_trains_checkpoints_and_samples(tmp_path):
     assert f["arr_0"].shape == (10, 8, 8, 1)
   with np.load(workdir / "samples" / "step_100.npz") as f:  # the training-time samples are untouched
     np.testing.assert_array_equal(f["arr_0"], images)
+
+
+def test_eval_mode_adds_one_entry_per_setting(trained):
+  workdir, get_config = trained
+  with open(os.path.join(workdir, "eval", "step_12.json")) as f:
+    during_training = json.load(f)
+  config = _tiny(get_config, **{"sample.guidance_scale": 2.0})
+  result = train.evaluate_checkpoint(config, workdir)
+  with open(os.path.join(workdir, "eval", "step_12.json")) as f:
+    saved = json.load(f)
+  assert set(saved) == set(during_training) | {"ddim10_cfg2_n20_seed1"}  # the training-time entry is kept
+  assert saved["ddim10_cfg2_n20_seed1"] == pytest.approx(result)
+  assert saved["ddim10_cfg1_n20_seed1"] == during_training["ddim10_cfg1_n20_seed1"]
+  for key in ("fid", "inception_score", "precision", "recall", "class_accuracy", "class_confidence"):
+    assert np.isfinite(result[key]) and result[key] >= 0, key
+  assert 0 <= result["class_accuracy"] <= 1 and result["num_samples"] == 20 and result["guidance_scale"] == 2.0

@@ -226,6 +226,7 @@ def cached_classifier(cache_dir: str | None = None, seed: int = 0, steps: int = 
   path = os.path.join(cache_dir, f"digits_classifier_seed{seed}_steps{steps}.npz")
   if os.path.exists(path):
     return DigitsClassifier.load(path)
-  classifier = train_classifier(seed=seed, steps=steps)
+  classifier = _trained_in_process(seed, steps)  # deterministic, so one training serves every directory
+  os.makedirs(cache_dir, exist_ok=True)
   classifier.save(path)
   return classifier

@@ -1,0 +1,82 @@
+"""Standalone evaluator for any sample batch in the guided-diffusion .npz format.
+
+  python -m selfperc_jax.evaluation.compare REF.npz SAMPLES.npz [--features digits]
+
+REF.npz is either a reference-statistics file (`mu`, `sigma`, `features`, as `save_reference` writes) or a batch
+of real images (`arr_0`, uint8 NHWC). SAMPLES.npz holds `arr_0` (uint8 NHWC) and, optionally, `arr_1` (the
+requested labels, which add the class accuracy and confidence). Prints a table of the metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from selfperc_jax.errors import UserError
+from selfperc_jax.evaluation import metrics
+
+FEATURES = ("digits",)
+
+
+def _load_images(path: str, what: str):
+  if not os.path.exists(path):
+    raise metrics.EvaluationError(f"{what} file {path} does not exist.")
+  with np.load(path) as f:
+    if "arr_0" not in f:
+      raise metrics.EvaluationError(f"{what} file {path} has no 'arr_0' (uint8 NHWC images); it holds {sorted(f)}.")
+    return f["arr_0"], (f["arr_1"] if "arr_1" in f else None)
+
+
+def reference_features(path: str, network) -> np.ndarray:
+  with np.load(path) as f:
+    keys = set(f)
+  if {"mu", "sigma", "features"} <= keys:
+    return metrics.load_reference(path).features
+  images, _ = _load_images(path, "reference")
+  return network.features(images)
+
+
+def compare(ref_path: str, samples_path: str, features: str = "digits", cache_dir: str | None = None) -> dict:
+  if features != "digits":
+    raise metrics.EvaluationError(f"--features={features!r} is not available; choose one of {FEATURES}.")
+  from selfperc_jax.evaluation import digits_classifier, evaluate
+
+  if not os.path.exists(ref_path):
+    raise metrics.EvaluationError(f"reference file {ref_path} does not exist.")
+  network = digits_classifier.cached_classifier(cache_dir)
+  reference = reference_features(ref_path, network)
+  images, labels = _load_images(samples_path, "samples")
+  if labels is None:
+    labels = np.argmax(network.logits(images), -1)  # no requested labels: accuracy is then meaningless
+    result = evaluate.score(images, labels, network, reference)
+    del result["class_accuracy"], result["class_confidence"]
+    return result
+  return evaluate.score(images, labels, network, reference)
+
+
+def format_table(result: dict) -> str:
+  width = max(len(k) for k in result)
+  return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                   for k, v in result.items())
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("reference", help="reference statistics (.npz with mu, sigma, features) or real images (arr_0)")
+  parser.add_argument("samples", help="sample batch (.npz with arr_0 uint8 NHWC, optional arr_1 labels)")
+  parser.add_argument("--features", default="digits", choices=FEATURES)
+  parser.add_argument("--cache_dir", default=None, help="where to keep the trained digits classifier")
+  args = parser.parse_args(argv)
+  try:
+    print(format_table(compare(args.reference, args.samples, args.features, args.cache_dir)))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

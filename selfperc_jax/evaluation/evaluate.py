@@ -1,0 +1,79 @@
+"""Evaluating a set of params: draw N class-conditional samples, embed them, compare with the data set's features.
+
+For the digits the feature network is the project's own digits classifier (trained in seconds, cached under the
+workdir), which gives FID, Inception Score, precision/recall, the accuracy of conditional samples (does a sample of
+class k look like a k?) and the mean confidence in the requested class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from selfperc_jax.errors import ConfigError
+from selfperc_jax.evaluation import metrics
+
+FEATURES = ("digits",)
+
+
+def setting_name(config) -> str:
+  """A key per sampling setting, so results of different settings never overwrite each other."""
+  s, e = config.sample, config.eval
+  return f"{s.sampler}{s.steps}_cfg{s.guidance_scale:g}_n{e.num_samples}_seed{e.seed}"
+
+
+def feature_network(config, cache_dir: str):
+  if config.eval.features != "digits" or config.data.name != "digits":
+    raise ConfigError(f"eval.features={config.eval.features!r} with data.name={config.data.name!r} is not available; "
+                      f"this version evaluates the digits with features {FEATURES}.")
+  if config.data.image_size != 8:
+    raise ConfigError("the digits classifier reads 8x8 images; evaluation needs data.image_size=8.")
+  from selfperc_jax.evaluation import digits_classifier
+
+  return digits_classifier.cached_classifier(cache_dir)
+
+
+def reference_features(config, network) -> np.ndarray:
+  from selfperc_jax.data import digits
+
+  images, _ = digits.load(config.eval.reference_split, config.data.image_size)
+  return network.features(images)
+
+
+def score(images, labels, network, reference: np.ndarray) -> dict:
+  """Metrics of samples (uint8 or [-1, 1] floats, NHWC) with their requested labels against reference features."""
+  feats = network.features(images)
+  logits = network.logits(images)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  precision, recall = metrics.precision_recall(reference, feats, k=3)
+  is_mean, is_std = metrics.inception_score(logits=logits, splits=min(10, len(images)))
+  labels = np.asarray(labels)
+  return {
+      "fid": metrics.fid_from_features(reference, feats),
+      "inception_score": is_mean,
+      "inception_score_std": is_std,
+      "precision": precision,
+      "recall": recall,
+      "class_accuracy": float(np.mean(np.argmax(logits, -1) == labels)),
+      "class_confidence": float(np.mean(probs[np.arange(len(labels)), labels])),
+      "num_samples": int(len(images)),
+  }
+
+
+def write_result(eval_dir: str, step: int, setting: str, result: dict) -> str:
+  """Adds one setting's metrics to eval/step_<STEP>.json, keeping every other setting already in it."""
+  os.makedirs(eval_dir, exist_ok=True)
+  path = os.path.join(eval_dir, f"step_{step}.json")
+  existing = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      existing = json.load(f)
+  existing[setting] = result
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(existing, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path

@@ -1,0 +1,55 @@
+"""The standalone evaluator: real held-out digits score well against the training digits, noise does not."""
+
+import numpy as np
+import pytest
+
+from selfperc_jax.data import digits
+from selfperc_jax.evaluation import compare, metrics
+from selfperc_jax.images import to_uint8
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  d = tmp_path_factory.mktemp("npz")
+  train_x, _ = digits.load("train")
+  test_x, test_y = digits.load("test")
+  np.savez(d / "ref.npz", to_uint8(train_x))
+  np.savez(d / "real.npz", to_uint8(test_x), test_y)
+  rng = np.random.default_rng(0)
+  np.savez(d / "noise.npz", rng.integers(0, 256, test_x.shape, dtype=np.uint8), test_y)
+  np.savez(d / "unlabelled.npz", to_uint8(test_x))
+  return d
+
+
+def test_real_digits_beat_noise(files, capsys):
+  real = compare.compare(str(files / "ref.npz"), str(files / "real.npz"))
+  noise = compare.compare(str(files / "ref.npz"), str(files / "noise.npz"))
+  assert real["class_accuracy"] > 0.9 and real["class_confidence"] > 0.8
+  assert real["fid"] * 5 < noise["fid"]
+  assert real["precision"] > 0.5 and noise["precision"] < 0.1
+  assert compare.main([str(files / "ref.npz"), str(files / "real.npz")]) == 0
+  out = capsys.readouterr().out
+  assert "fid" in out and "class_accuracy" in out
+
+
+def test_reference_statistics_file_gives_the_same_scores(files):
+  from selfperc_jax.evaluation import digits_classifier
+
+  train_x, _ = digits.load("train")
+  metrics.save_reference(str(files / "stats.npz"), digits_classifier.cached_classifier().features(train_x))
+  a = compare.compare(str(files / "ref.npz"), str(files / "real.npz"))
+  b = compare.compare(str(files / "stats.npz"), str(files / "real.npz"))
+  assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_samples_without_labels_get_no_class_accuracy(files):
+  result = compare.compare(str(files / "ref.npz"), str(files / "unlabelled.npz"))
+  assert "class_accuracy" not in result and result["fid"] >= 0
+
+
+def test_bad_files_are_one_line_errors(files, tmp_path, capsys):
+  assert compare.main([str(tmp_path / "missing.npz"), str(files / "real.npz")]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  np.savez(tmp_path / "wrong.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
+  assert compare.main([str(files / "ref.npz"), str(tmp_path / "wrong.npz")]) == 2
+  assert "has no 'arr_0'" in capsys.readouterr().err
