@@ -100,7 +100,9 @@ def get_config(arg=None):
   config.eval.seed = 1
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1  # devices on the data axis; -1: all devices (a positive n uses the first n)
+  config.mesh.data = -1  # devices on the data axis; -1: the devices that mesh.fsdp leaves
+  config.mesh.fsdp = 1  # devices each param is split over (FSDP); -1: the devices that mesh.data leaves
+  config.mesh.fsdp_min_size = 1024  # arrays smaller than this stay replicated
 
   if "tiny" in args:
     config.total_steps = 100

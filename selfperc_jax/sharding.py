@@ -1,13 +1,16 @@
 """Every decision about devices lives here: the mesh, how state and batches are placed, how the step is compiled.
 
-The mesh has the named axes ('data', 'fsdp'); the batch is split over both. Params are replicated for now, so
-'fsdp' has size 1 (sharding them along it is the scale-out issue's work and changes only `state_shardings`).
+The mesh has the named axes ('data', 'fsdp'); the batch is split over both. Every array of the train state (params,
+optimizer moments, the EMA and the perceptual copy alike) follows one rule: replicated when `fsdp` is 1 or the array
+is small, otherwise split along `fsdp` on its largest dimension that `fsdp` divides (FSDP / ZeRO-3 style; XLA
+inserts the all-gathers and reduce-scatters).
 """
 
 from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from selfperc_jax.errors import ConfigError
@@ -16,14 +19,35 @@ AXES = ("data", "fsdp")
 BATCH_SPEC = P(AXES)
 
 
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) from the config; -1 on one axis takes the devices the other leaves."""
+  data, fsdp = int(mesh_cfg.data), int(mesh_cfg.get("fsdp", 1))
+  if data == -1 and fsdp == -1:
+    raise ConfigError("mesh.data and mesh.fsdp are both -1; give one of them a size.")
+  for name, value in (("mesh.data", data), ("mesh.fsdp", fsdp)):
+    if value != -1 and value < 1:
+      raise ConfigError(f"{name}={value} must be -1 (the remaining devices) or >= 1.")
+  if data == -1 or fsdp == -1:
+    known = fsdp if data == -1 else data
+    if num_devices % known:
+      raise ConfigError(f"{num_devices} devices cannot be split into {'mesh.fsdp' if data == -1 else 'mesh.data'}"
+                        f"={known} groups; choose a divisor of {num_devices}.")
+    data, fsdp = (num_devices // known, known) if data == -1 else (known, num_devices // known)
+  if data * fsdp > num_devices:
+    raise ConfigError(f"mesh.data={data} x mesh.fsdp={fsdp} needs {data * fsdp} devices but {num_devices} are "
+                      "available; use -1 for one axis to take the rest.")
+  return data, fsdp
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
-  n = mesh_cfg.data
-  if n == -1:
-    n = len(devices)
-  if not 1 <= n <= len(devices):
-    raise ConfigError(f"mesh.data={mesh_cfg.data} but {len(devices)} devices are available; use -1 (all) or 1..{len(devices)}.")
-  return Mesh(np.asarray(devices[:n]).reshape(n, 1), AXES)
+  data, fsdp = mesh_shape(mesh_cfg, len(devices))
+  try:
+    # Orders devices by the physical topology (ICI rings on TPU, NVLink islands on GPU).
+    grid = mesh_utils.create_device_mesh((data, fsdp), devices[: data * fsdp])
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices[: data * fsdp]).reshape(data, fsdp)
+  return Mesh(grid, AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -34,9 +58,32 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, BATCH_SPEC)
 
 
-def state_shardings(mesh: Mesh, abstract_state):
-  """Shardings for every leaf of the train state (replicated today)."""
-  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
+  """FSDP rule: split the largest dimension that `fsdp` divides, for arrays of at least `min_size` elements."""
+  if fsdp == 1 or not shape or int(np.prod(shape)) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda i: -shape[i]):
+    if shape[dim] % fsdp == 0:
+      return P(*([None] * dim + ["fsdp"]))
+  return P()
+
+
+def state_shardings(mesh: Mesh, abstract_state, min_size: int = 1024):
+  """Shardings for every leaf of the train state, by `param_spec` on its shape."""
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp, min_size)), abstract_state)
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+  """[start, stop) of the global batch that lives on this process's devices (contiguous by construction)."""
+  indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  starts = [idx[0].start or 0 for idx in indices.values()]
+  stops = [global_batch if idx[0].stop is None else idx[0].stop for idx in indices.values()]
+  start, stop = min(starts), max(stops)
+  if stop - start != global_batch * len(indices) // mesh.size:
+    raise ValueError("this process's devices do not hold one contiguous block of the batch; "
+                     "build the mesh so that each process owns consecutive positions.")
+  return start, stop
 
 
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:

@@ -23,14 +23,15 @@ class Setup:
     self.workdir = os.path.abspath(workdir)
     self.mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, self.mesh)
-    self.pipeline = data.build(config) if with_data else None
+    rows = sharding.process_rows(self.mesh, config.batch_size)
+    self.pipeline = data.build(config, rows) if with_data else None
     self.image_shape = data.image_shape(config.data)
     self.model = unet.unet_from_config(config.model, out_channels=self.image_shape[-1])
     self.schedule = diffusion.schedule_from_config(config.diffusion)
     self.tx, self.lr_schedule = step_lib.make_optimizer(config)
     self.init_fn = lambda key: step_lib.init_state(config, self.model, self.tx, key, self.image_shape)
     abstract_state = jax.eval_shape(self.init_fn, jax.random.key(0))
-    self.state_sharding = sharding.state_shardings(self.mesh, abstract_state)
+    self.state_sharding = sharding.state_shardings(self.mesh, abstract_state, config.mesh.get("fsdp_min_size", 1024))
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_sharding)
     self._step_fns = {}

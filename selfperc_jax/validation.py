@@ -82,3 +82,5 @@ def validate(config) -> None:
   _require(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be >= 0 (1 = no guidance).")
   _require(s.num_samples >= 1, f"sample.num_samples={s.num_samples} must be >= 1.")
   _require(config.mesh.data == -1 or config.mesh.data >= 1, f"mesh.data={config.mesh.data} must be -1 or >= 1.")
+  _require(config.mesh.get("fsdp", 1) == -1 or config.mesh.get("fsdp", 1) >= 1,
+           f"mesh.fsdp={config.mesh.get('fsdp', 1)} must be -1 or >= 1.")

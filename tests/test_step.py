@@ -5,19 +5,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from selfperc_jax import data, sharding, step as step_lib, train
+from selfperc_jax.errors import ConfigError
 
 
-def _build(config, num_devices, workdir="/nonexistent"):
+def _build(config, num_devices, workdir="/nonexistent", fsdp=1):
   """(mesh, make_state, step_fn): one compilation per phase serves several runs from the same initial state."""
-  config.mesh.data = num_devices
+  config.mesh.data = num_devices // fsdp
+  config.mesh.fsdp = fsdp
   setup = train.Setup(config, workdir)
   return setup.mesh, lambda: setup.init_state(jax.random.key(0)), setup.step_fn
 
 
-def _run(config, num_devices, batches, built=None):
-  mesh, make_state, train_step = built or _build(config, num_devices)
+def _run(config, num_devices, batches, built=None, fsdp=1):
+  mesh, make_state, train_step = built or _build(config, num_devices, fsdp=fsdp)
   state = make_state()
   history = []
   for i, batch in enumerate(batches):
@@ -52,6 +55,32 @@ def test_eight_devices_equal_one_device(small_config):
   assert hist1[-1]["loss_sp"] > 0  # the perceptual term was active in the compared steps
   for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6)
+
+
+def test_fsdp_equals_replicated_and_really_splits_the_params(small_config):
+  small_config.mesh.fsdp_min_size = 64
+  batches = _batches(small_config, 4)
+  state_r, hist_r, _ = _run(small_config, 8, batches)
+  state_f, hist_f, live = _run(small_config, 8, batches, fsdp=4)
+  kernel = live.params["enc_1_0"]["conv1"]["kernel"]  # (3, 3, 16, 32): split on its 32 output channels
+  assert kernel.sharding.spec == P(None, None, None, "fsdp")
+  assert {s.data.shape for s in kernel.addressable_shards} == {(3, 3, 16, 8)}
+  mu = live.opt_state[1][0].mu["enc_1_0"]["conv1"]["kernel"]  # the Adam moment is split like its param
+  assert mu.sharding.spec == kernel.sharding.spec
+  assert live.params["enc_0_0"]["norm1"]["scale"].sharding.spec == P()  # 16 values: stays replicated
+  for m1, m2 in zip(hist_r, hist_f):
+    for k in m1:
+      np.testing.assert_allclose(m1[k], m2[k], rtol=2e-4, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(state_r), jax.tree.leaves(state_f)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6)
+
+
+def test_mesh_shapes_from_config():
+  shape = lambda data, fsdp, n=8: sharding.mesh_shape(ml_collections.ConfigDict({"data": data, "fsdp": fsdp}), n)
+  assert shape(-1, 1) == (8, 1) and shape(-1, 4) == (2, 4) and shape(2, -1) == (2, 4) and shape(2, 2) == (2, 2)
+  for bad in ((-1, -1), (3, 3), (0, 1), (-1, 3)):
+    with pytest.raises(ConfigError):
+      shape(*bad)
 
 
 def test_perceptual_copy_snapshots_online_params_at_start_then_stays_frozen(small_config):

@@ -80,6 +80,21 @@ def test_resume_equals_uninterrupted_run(trained, tmp_path):
       np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=f"step {a['step']} {k}")
 
 
+def test_restore_onto_a_different_mesh_continues_the_same_run(trained, tmp_path):
+  """Saved with FSDP on 8 devices (2 x 4), resumed on 4 devices (2 x 2): the same run as on one device."""
+  workdir, get_config = trained
+  moved = str(tmp_path / "moved")
+  first = _tiny(get_config, **{"mesh.data": 2, "mesh.fsdp": 4, "mesh.fsdp_min_size": 64})
+  train.train_and_evaluate(first, moved, num_steps=6)
+  setup = train.Setup(first, moved)
+  assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(setup.state_sharding.params))
+  train.train_and_evaluate(_tiny(get_config, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.fsdp_min_size": 64}), moved)
+  for a, b in zip(_metrics(workdir), _metrics(moved)):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_allclose(b[k], a[k], rtol=2e-4, atol=1e-6, err_msg=f"step {a['step']} {k}")
+
+
 def test_finished_run_restarted_trains_nothing_and_keeps_its_files(trained):
   workdir, get_config = trained
   before = _snapshot(workdir)
@@ -150,7 +165,8 @@ def test_sample_mode_without_checkpoint_is_refused(digits_config, tmp_path):
 @pytest.mark.parametrize("key,value,message", [
     ("batch_size", 0, "batch_size=0 must be a positive integer"),
     ("batch_size", 12, "batch_size=12 must be divisible by the 8 devices"),
-    ("mesh.data", 16, "mesh.data=16 but 8 devices are available"),
+    ("mesh.data", 16, "needs 16 devices but 8 are available"),
+    ("mesh.fsdp", 3, "8 devices cannot be split into mesh.fsdp=3 groups"),
     ("diffusion.schedule", "quadratic", "diffusion.schedule='quadratic' is not known"),
     ("diffusion.prediction", "score", "diffusion.prediction='score' is not known"),
     ("loss.perceptual_noise", "fresh", "loss.perceptual_noise='fresh' is not known"),

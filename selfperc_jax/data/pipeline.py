@@ -1,13 +1,16 @@
 """grain pipelines: a deterministic, resumable stream of host-local batches.
 
-Each process reads only its own slice of the examples (`[process_index::process_count]`), shuffled from the seed,
-reshuffled every epoch, repeated forever and batched to the per-process batch size. The iterator's state is a small
-JSON-able dict that the checkpoint stores, so a restarted run continues the same sequence of batches.
+One global order of examples (shuffled from the seed, reshuffled every epoch, repeated forever) is cut into global
+batches; each process reads only its own rows [row_start, row_stop) of every global batch. The global batch is
+therefore the same whatever the number of processes (a run can move between topologies and still see the same
+data), and no two processes read the same example of a batch. The iterator's state is a small JSON-able dict that
+the checkpoint stores, so a restarted run continues the same sequence of batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -58,25 +61,41 @@ def _load_arrays(data_cfg):
   raise ConfigError(f"data.name={data_cfg.name!r} is not known; choose one of {DATASETS}.")
 
 
-def build(config, process_index: int | None = None, process_count: int | None = None) -> Pipeline:
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
-  if config.batch_size % pc:
-    raise ConfigError(f"batch_size={config.batch_size} must be divisible by the {pc} processes.")
+class _Rows(Sequence):
+  """The rows [start, stop) of every global batch of `order`, as one flat sequence of example ids."""
+
+  def __init__(self, order, global_batch: int, start: int, stop: int):
+    self.order, self.global_batch, self.start, self.local = order, global_batch, start, stop - start
+
+  def __len__(self):
+    return len(self.order) // self.global_batch * self.local
+
+  def __getitem__(self, j):
+    return self.order[(j // self.local) * self.global_batch + self.start + j % self.local]
+
+
+def default_rows(global_batch: int) -> tuple[int, int]:
+  """This process's rows of a global batch when processes own equal consecutive blocks (what sharding.py makes)."""
+  local = global_batch // jax.process_count()
+  return jax.process_index() * local, (jax.process_index() + 1) * local
+
+
+def build(config, rows: tuple[int, int] | None = None) -> Pipeline:
+  """The pipeline of this process: rows = [start, stop) of each global batch it reads (default: its equal block)."""
+  if config.batch_size % jax.process_count():
+    raise ConfigError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} processes.")
+  start, stop = default_rows(config.batch_size) if rows is None else rows
   images, labels, num_classes = _load_arrays(config.data)
   if config.model.num_classes != num_classes:
     raise ConfigError(f"model.num_classes={config.model.num_classes} but data set {config.data.name!r} has "
                       f"{num_classes} classes; set --config.model.num_classes={num_classes}.")
-  local_batch = config.batch_size // pc
-  indices = np.arange(len(images))[pi::pc]
-  if len(indices) < local_batch:
-    raise ConfigError(f"batch_size={config.batch_size} asks each of {pc} processes for {local_batch} examples, but "
-                      f"process {pi} holds only {len(indices)}; lower batch_size.")
+  if len(images) < config.batch_size:
+    raise ConfigError(f"batch_size={config.batch_size} is larger than the {len(images)} examples of data set "
+                      f"{config.data.name!r} ({config.data.split}); lower batch_size.")
+  order = grain.MapDataset.source(np.arange(len(images))).shuffle(seed=config.seed).repeat()
   ds = (
-      grain.MapDataset.source(indices)
-      .shuffle(seed=config.seed)
-      .repeat()
+      grain.MapDataset.source(_Rows(order, config.batch_size, start, stop))
       .map(lambda i: {"image": images[i], "label": labels[i]})
-      .batch(local_batch, drop_remainder=True)
+      .batch(stop - start, drop_remainder=True)
   )
   return Pipeline(iter(ds.to_iter_dataset()), tuple(images.shape[1:]), num_classes, len(images))
