@@ -19,7 +19,33 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and sam
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
                   "train: train (resuming from the workdir's latest checkpoint); sample: sample from it; "
                   "eval: score it (FID etc.) into workdir/eval/step_<STEP>.json.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for multi-process runs outside Cloud TPU and SLURM (which are detected).")
+flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
+flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _auto_detected_multi_process() -> bool:
+  """Cloud TPU pod slices and SLURM jobs of several tasks: jax.distributed.initialize() finds the rest itself."""
+  env = os.environ
+  tpu_workers = env.get("TPU_WORKER_HOSTNAMES", "")
+  return ("," in tpu_workers or "MEGASCALE_COORDINATOR_ADDRESS" in env
+          or int(env.get("SLURM_NTASKS", "1") or 1) > 1)
+
+
+def initialize_distributed() -> None:
+  import jax
+
+  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise UserError("--coordinator_address, --num_processes and --process_id go together; give all three.")
+    # CPU processes need a collectives backend of their own to talk to each other.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif _auto_detected_multi_process():
+    jax.distributed.initialize()
 
 
 def main(argv):
@@ -32,6 +58,7 @@ def main(argv):
   from selfperc_jax import train
 
   try:
+    initialize_distributed()
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "sample":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -136,6 +138,33 @@ class Evaluator:
     return result
 
 
+class PreemptionWatcher:
+  """True once the run should checkpoint and stop: SIGTERM (one process), or JAX's preemption sync point (several
+  processes, where every process must stop at the same step; it also covers TPU maintenance events)."""
+
+  def __init__(self):
+    self.multi_process = jax.process_count() > 1
+    self._signalled = False
+    self._previous = None
+    if not self.multi_process and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  def should_stop(self, step: int) -> bool:
+    if self.multi_process:
+      from jax.experimental import multihost_utils
+
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._signalled
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_steps: int | None = None) -> dict | None:
   """Trains to config.total_steps, resuming from workdir's latest checkpoint; returns the last logged metrics.
 
@@ -163,10 +192,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
   t0 = time.perf_counter()
   logger.start(start)
   stop = config.total_steps if num_steps is None else min(config.total_steps, start + num_steps)
+  preemption = PreemptionWatcher()
   for step in range(start, stop):
     batch = sharding.global_batch(next(setup.pipeline), setup.mesh)
     state, metrics = setup.step_fn(step)(state, batch, step_key)
     done = step + 1
+    if preemption.should_stop(done):
+      stop = done  # checkpoint below, then leave; the next start resumes here
+      print(f"preempted: saving a checkpoint at step {done} and stopping", flush=True)
     if step == start:
       jax.block_until_ready(metrics)
       print(f"first step (with compilation) took {time.perf_counter() - t0:.1f}s", flush=True)
@@ -183,6 +216,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
     if evaluator is not None and (done % config.eval_every == 0 or done == config.total_steps):
       result = evaluator(state.ema_params, done)
       logger.write_eval(done, {k: v for k, v in result.items() if isinstance(v, float)})
+    if done == stop:
+      break
+  preemption.close()
   ckpt.close()
   logger.close()
   return last

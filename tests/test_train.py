@@ -258,3 +258,30 @@ def test_eval_mode_adds_one_entry_per_setting(trained):
   for key in ("fid", "inception_score", "precision", "recall", "class_accuracy", "class_confidence"):
     assert np.isfinite(result[key]) and result[key] >= 0, key
   assert 0 <= result["class_accuracy"] <= 1 and result["num_samples"] == 20 and result["guidance_scale"] == 2.0
+
+
+def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_restart_resumes_there(tmp_path):
+  import signal
+  import time
+
+  workdir = tmp_path / "preempted"
+  args = ["--config=configs/digits.py:tiny", f"--workdir={workdir}", "--config.total_steps=100000",
+          "--config.log_every=1", "--config.sample_every=0", "--config.checkpoint_every=100000",
+          "--config.mesh.data=1"]
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  proc = subprocess.Popen([sys.executable, "-m", "selfperc_jax.main", *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert "preempted: saving a checkpoint at step" in out
+  saved = checkpoint.Checkpointer(str(workdir / "checkpoints"), read_only=True).latest_step()
+  logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+  assert saved is not None and saved >= 3 and saved == logged[-1]
+  result = _main(*args[:2], f"--config.total_steps={saved + 2}", *args[3:])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"training 2 steps from step {saved}" in result.stdout
