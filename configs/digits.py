@@ -97,6 +97,8 @@ def get_config(arg=None):
   config.eval.num_samples = 1000  # rounded up to a multiple of the class count; sampler etc. from sample.*
   config.eval.features = "digits"  # the project's digits classifier (trained in seconds, cached in workdir/eval)
   config.eval.reference_split = "train"  # the data the samples are compared with
+  config.eval.reference = ""  # or a reference .npz (images arr_0, or mu/sigma/features), e.g. ADM's batches
+  config.eval.inception_weights = ""  # with eval.features='inception': the FID Inception weights file
   config.eval.seed = 1
 
   config.mesh = ml_collections.ConfigDict()

@@ -18,7 +18,7 @@ import numpy as np
 from selfperc_jax.errors import UserError
 from selfperc_jax.evaluation import metrics
 
-FEATURES = ("digits",)
+FEATURES = ("digits", "inception")
 
 
 def _load_images(path: str, what: str):
@@ -30,28 +30,25 @@ def _load_images(path: str, what: str):
     return f["arr_0"], (f["arr_1"] if "arr_1" in f else None)
 
 
-def reference_features(path: str, network) -> np.ndarray:
-  with np.load(path) as f:
-    keys = set(f)
-  if {"mu", "sigma", "features"} <= keys:
-    return metrics.load_reference(path).features
-  images, _ = _load_images(path, "reference")
-  return network.features(images)
+def compare(ref_path: str, samples_path: str, features: str = "digits", cache_dir: str | None = None,
+            weights: str | None = None) -> dict:
+  from selfperc_jax.evaluation import evaluate
 
-
-def compare(ref_path: str, samples_path: str, features: str = "digits", cache_dir: str | None = None) -> dict:
-  if features != "digits":
+  if features not in FEATURES:
     raise metrics.EvaluationError(f"--features={features!r} is not available; choose one of {FEATURES}.")
-  from selfperc_jax.evaluation import digits_classifier, evaluate
+  if features == "inception":
+    from selfperc_jax.evaluation.inception import InceptionFeatures
 
-  if not os.path.exists(ref_path):
-    raise metrics.EvaluationError(f"reference file {ref_path} does not exist.")
-  network = digits_classifier.cached_classifier(cache_dir)
-  reference = reference_features(ref_path, network)
+    network = InceptionFeatures(weights or "")
+  else:
+    from selfperc_jax.evaluation import digits_classifier
+
+    network = digits_classifier.cached_classifier(cache_dir)
+  reference = evaluate.reference_from_file(ref_path, network)
   images, labels = _load_images(samples_path, "samples")
-  if labels is None:
-    labels = np.argmax(network.logits(images), -1)  # no requested labels: accuracy is then meaningless
-    result = evaluate.score(images, labels, network, reference)
+  if labels is None or features == "inception":
+    # Without requested labels (or with Inception's 1008 classes) a class accuracy means nothing.
+    result = evaluate.score(images, np.zeros(len(images), np.int64), network, reference)
     del result["class_accuracy"], result["class_confidence"]
     return result
   return evaluate.score(images, labels, network, reference)
@@ -69,9 +66,10 @@ def main(argv=None) -> int:
   parser.add_argument("samples", help="sample batch (.npz with arr_0 uint8 NHWC, optional arr_1 labels)")
   parser.add_argument("--features", default="digits", choices=FEATURES)
   parser.add_argument("--cache_dir", default=None, help="where to keep the trained digits classifier")
+  parser.add_argument("--weights", default=None, help="FID Inception weights (.pth or converted .npz), for inception")
   args = parser.parse_args(argv)
   try:
-    print(format_table(compare(args.reference, args.samples, args.features, args.cache_dir)))
+    print(format_table(compare(args.reference, args.samples, args.features, args.cache_dir, args.weights)))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -15,7 +15,7 @@ import numpy as np
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.evaluation import metrics
 
-FEATURES = ("digits",)
+FEATURES = ("digits", "inception")
 
 
 def setting_name(config) -> str:
@@ -24,7 +24,11 @@ def setting_name(config) -> str:
   return f"{s.sampler}{s.steps}_cfg{s.guidance_scale:g}_n{e.num_samples}_seed{e.seed}"
 
 
-def feature_network(config, cache_dir: str):
+def feature_network(config, cache_dir: str, mesh=None):
+  if config.eval.features == "inception":
+    from selfperc_jax.evaluation.inception import InceptionFeatures
+
+    return InceptionFeatures(config.eval.get("inception_weights", ""), mesh)
   if config.eval.features != "digits" or config.data.name != "digits":
     raise ConfigError(f"eval.features={config.eval.features!r} with data.name={config.data.name!r} is not available; "
                       f"this version evaluates the digits with features {FEATURES}.")
@@ -36,16 +40,47 @@ def feature_network(config, cache_dir: str):
 
 
 def reference_features(config, network) -> np.ndarray:
+  if config.eval.get("reference", ""):
+    return reference_from_file(config.eval.reference, network)
+  if config.data.name != "digits":
+    raise ConfigError("set eval.reference to a reference batch (.npz with arr_0 images, e.g. the ADM reference "
+                      "batch) or to reference statistics (mu, sigma, features).")
   from selfperc_jax.data import digits
 
   images, _ = digits.load(config.eval.reference_split, config.data.image_size)
   return network.features(images)
 
 
+def reference_from_file(path: str, network) -> np.ndarray:
+  """Features of a reference .npz: stored ones (mu, sigma, features) or computed from its images (arr_0)."""
+  import os
+
+  if not os.path.exists(path):
+    raise metrics.EvaluationError(f"reference file {path} does not exist.")
+  with np.load(path) as f:
+    keys = set(f)
+    if {"mu", "sigma", "features"} <= keys:
+      return metrics.load_reference(path).features
+    if "arr_0" not in keys:
+      raise metrics.EvaluationError(f"reference file {path} holds neither 'arr_0' (images) nor mu/sigma/features; "
+                                    f"it holds {sorted(keys)}.")
+    images = f["arr_0"]
+  return network.features(images)
+
+
+def embed(network, images) -> tuple[np.ndarray, np.ndarray]:
+  """(features, logits) in one pass where the network can, else two."""
+  if hasattr(network, "embed"):
+    return network.embed(images)
+  return network.features(images), network.logits(images)
+
+
 def score(images, labels, network, reference: np.ndarray) -> dict:
-  """Metrics of samples (uint8 or [-1, 1] floats, NHWC) with their requested labels against reference features."""
-  feats = network.features(images)
-  logits = network.logits(images)
+  """Metrics of samples (uint8 or [-1, 1] floats, NHWC) with their requested labels against reference features.
+
+  The class accuracy and confidence read the network's logits as class scores: meaningful for the digits
+  classifier, not for Inception (whose 1008 classes are not the data set's)."""
+  feats, logits = embed(network, images)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   precision, recall = metrics.precision_recall(reference, feats, k=3)
