@@ -121,20 +121,22 @@ class Evaluator:
 
     self.setup, self.evaluate = setup, evaluate
     self.eval_dir = os.path.join(setup.workdir, "eval")
-    self.network = evaluate.feature_network(setup.config, self.eval_dir)
+    self.network = evaluate.feature_network(setup.config, self.eval_dir, setup.mesh)
     self.reference = evaluate.reference_features(setup.config, self.network)
     self.sample_fn = sampling.make_sample_fn(setup.config, setup.model, setup.schedule, setup.image_shape)
 
   def __call__(self, params, step: int) -> dict:
     cfg = self.setup.config
     imgs, labels = sampling.draw(self.sample_fn, params, cfg, self.setup.mesh, cfg.eval.num_samples, cfg.eval.seed)
-    result = self.evaluate.score(imgs, labels, self.network, self.reference)
+    result = self.evaluate.score(imgs, labels, self.network, self.reference,
+                                 class_scores=cfg.eval.features == "digits")
     result.update(step=step, sampler=cfg.sample.sampler, sample_steps=cfg.sample.steps,
                   guidance_scale=cfg.sample.guidance_scale)
     if jax.process_index() == 0:
       path = self.evaluate.write_result(self.eval_dir, step, self.evaluate.setting_name(cfg), result)
-      print(f"eval at step {step}: FID {result['fid']:.3f}, class accuracy {result['class_accuracy']:.3f}, "
-            f"IS {result['inception_score']:.2f} -> {path}", flush=True)
+      accuracy = f", class accuracy {result['class_accuracy']:.3f}" if "class_accuracy" in result else ""
+      print(f"eval at step {step}: FID {result['fid']:.3f}{accuracy}, IS {result['inception_score']:.2f} -> {path}",
+            flush=True)
     return result
 
 

@@ -22,6 +22,7 @@ def validate(config) -> None:
   _require(config.sample_every >= 0, f"sample_every={config.sample_every} must be >= 0 (0 turns periodic samples off).")
   _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 turns periodic evaluation off).")
   _require(config.eval.num_samples >= 2, f"eval.num_samples={config.eval.num_samples} must be >= 2.")
+  _one_of(config.eval.features, ("digits", "inception"), "eval.features")
 
   m = config.model
   _require(m.base_channels >= 1 and len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),

@@ -285,3 +285,20 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_restart_resumes_ther
   result = _main(*args[:2], f"--config.total_steps={saved + 2}", *args[3:])
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"training 2 steps from step {saved}" in result.stdout
+
+
+def test_eval_mode_with_inception_features_and_a_reference_file(trained, tmp_path):
+  from test_compare import _random_inception_weights
+  from selfperc_jax.data import digits
+  from selfperc_jax.images import to_uint8
+
+  workdir, get_config = trained
+  weights, reference = tmp_path / "inception.npz", tmp_path / "ref.npz"
+  _random_inception_weights(weights)
+  np.savez(reference, to_uint8(digits.load("test")[0][:16]))
+  config = _tiny(get_config, **{"eval.features": "inception", "eval.inception_weights": str(weights),
+                                "eval.reference": str(reference), "eval.num_samples": 10})
+  result = train.evaluate_checkpoint(config, workdir)
+  assert np.isfinite(result["fid"]) and result["fid"] > 0 and "class_accuracy" not in result
+  with pytest.raises(ConfigError, match="eval.features='clip' is not known"):
+    train.evaluate_checkpoint(_tiny(get_config, **{"eval.features": "clip"}), workdir)

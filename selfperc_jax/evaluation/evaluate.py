@@ -75,7 +75,7 @@ def embed(network, images) -> tuple[np.ndarray, np.ndarray]:
   return network.features(images), network.logits(images)
 
 
-def score(images, labels, network, reference: np.ndarray) -> dict:
+def score(images, labels, network, reference: np.ndarray, class_scores: bool = True) -> dict:
   """Metrics of samples (uint8 or [-1, 1] floats, NHWC) with their requested labels against reference features.
 
   The class accuracy and confidence read the network's logits as class scores: meaningful for the digits
@@ -88,7 +88,7 @@ def score(images, labels, network, reference: np.ndarray) -> dict:
   order = np.random.default_rng(0).permutation(len(logits))
   is_mean, is_std = metrics.inception_score(logits=logits[order], splits=min(10, len(images)))
   labels = np.asarray(labels)
-  return {
+  result = {
       "fid": metrics.fid_from_features(reference, feats),
       "inception_score": is_mean,
       "inception_score_std": is_std,
@@ -98,6 +98,9 @@ def score(images, labels, network, reference: np.ndarray) -> dict:
       "class_confidence": float(np.mean(probs[np.arange(len(labels)), labels])),
       "num_samples": int(len(images)),
   }
+  if not class_scores:
+    del result["class_accuracy"], result["class_confidence"]
+  return result
 
 
 def write_result(eval_dir: str, step: int, setting: str, result: dict) -> str:
