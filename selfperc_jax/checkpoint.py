@@ -112,7 +112,3 @@ def shape_differences(saved: dict, config: ml_collections.ConfigDict) -> list[st
         diffs.append(f"{k}: {a!r} in the checkpoint, {b!r} now")
   return diffs
 
-
-def abstract(tree):
-  """ShapeDtypeStructs (with shardings) of a tree of arrays or of jax.eval_shape output."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
