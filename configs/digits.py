@@ -35,6 +35,9 @@ def get_config(arg=None):
   config.data.name = "digits"
   config.data.split = "train"  # 'train' (the first 1500 digits), 'test' (the other 297) or 'all'
   config.data.image_size = 8  # other sizes resize the 8x8 digits (bilinear)
+  config.data.dir = ""  # data sets read from disk (imagenet2012): the TFDS data directory; the digits need none
+  config.data.random_flip = False  # horizontal flips would turn digits into other shapes
+  config.data.num_workers = 0  # grain worker processes per host (0: in the main process)
 
   config.model = ml_collections.ConfigDict()
   config.model.base_channels = 32
@@ -42,6 +45,7 @@ def get_config(arg=None):
   config.model.num_res_blocks = 2
   config.model.attention_resolutions = (4,)
   config.model.num_heads = 4
+  config.model.head_channels = 0  # > 0: attention heads of this many channels (overrides num_heads)
   config.model.dropout = 0.0
   config.model.num_classes = 10
   config.model.dtype = "float32"  # compute dtype; params stay float32 ('bfloat16' for TPU/GPU speed)
@@ -92,6 +96,7 @@ def get_config(arg=None):
   config.sample.guidance_scale = 1.0
   config.sample.num_samples = 100  # rounded up to a multiple of the class count: one grid row per class
   config.sample.seed = 0
+  config.sample.classes = ()  # the classes of the training-time grids (empty: all)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_samples = 1000  # rounded up to a multiple of the class count; sampler etc. from sample.*

@@ -13,24 +13,27 @@ from typing import Any
 import ml_collections
 import orbax.checkpoint as ocp
 
+from selfperc_jax import fileio
 from selfperc_jax.errors import CheckpointError
 
 # Config sections that fix the shapes of the state; a checkpoint only resumes under the same values.
-SHAPE_KEYS = ("model", "data.image_size")
+SHAPE_KEYS = ("model", "data.image_size", "data.name")
 # Keys inside those sections that change how the model computes, not what it holds.
 NON_SHAPE_KEYS = ("model.dtype", "model.remat", "model.dropout")
+# Keys added after checkpoints were already written: a saved config without them had these values.
+ADDED_KEY_DEFAULTS = {"model.head_channels": 0}
 
 
 def checkpoint_dir(path: str) -> str:
   """Accepts a workdir or its checkpoints/ folder."""
-  path = os.fspath(path)
-  sub = os.path.join(path, "checkpoints")
-  return sub if os.path.isdir(sub) else path
+  path = fileio.resolve(os.fspath(path))
+  sub = fileio.join(path, "checkpoints")
+  return sub if fileio.isdir(sub) else path
 
 
 class Checkpointer:
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = fileio.resolve(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
@@ -106,7 +109,7 @@ def shape_differences(saved: dict, config: ml_collections.ConfigDict) -> list[st
   for key in SHAPE_KEYS:
     old, new = _flatten(key, _lookup(saved, key)), _flatten(key, _lookup(current, key))
     for k in sorted((set(old) | set(new)) - set(NON_SHAPE_KEYS)):
-      a, b = old.get(k), new.get(k)
+      a, b = old.get(k, ADDED_KEY_DEFAULTS.get(k)), new.get(k, ADDED_KEY_DEFAULTS.get(k))
       if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
         diffs.append(f"{k}: {a!r} in the checkpoint, {b!r} now")
   return diffs

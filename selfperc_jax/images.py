@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from selfperc_jax import fileio
 
 
 def to_uint8(images) -> np.ndarray:
@@ -35,9 +37,11 @@ def class_grid(images_u8: np.ndarray, labels: np.ndarray, min_cell: int = 32, pa
 
 def save_samples(out_dir: str, name: str, images, labels) -> tuple[str, str]:
   """Writes out_dir/name.png and out_dir/name.npz; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   images_u8, labels = to_uint8(images), np.asarray(labels, np.int64)
-  png, npz = os.path.join(out_dir, f"{name}.png"), os.path.join(out_dir, f"{name}.npz")
-  class_grid(images_u8, labels).save(png)
-  np.savez(npz, images_u8, labels)
+  png, npz = fileio.join(out_dir, f"{name}.png"), fileio.join(out_dir, f"{name}.npz")
+  buffer = io.BytesIO()
+  class_grid(images_u8, labels).save(buffer, format="PNG")
+  fileio.write_bytes(png, buffer.getvalue())
+  fileio.savez(npz, images_u8, labels)
   return png, npz

@@ -12,6 +12,8 @@ import time
 
 from absl import logging
 
+from selfperc_jax import fileio
+
 
 def _format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
@@ -25,7 +27,7 @@ class MetricLogger:
     self.enabled = enabled
     self.total_steps = total_steps
     self.batch_size = batch_size
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = fileio.join(workdir, "metrics.jsonl")
     self._writer = None
     if enabled:
       os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
@@ -50,8 +52,7 @@ class MetricLogger:
     self._last_time, self._last_step = now, step
     if not self.enabled:
       return record
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    fileio.append_text(self.path, json.dumps(record) + "\n")
     if self._writer is not None:
       self._writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
     eta = ""
@@ -66,8 +67,7 @@ class MetricLogger:
     if not self.enabled:
       return
     record = {f"eval/{k}": float(v) for k, v in metrics.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **record}) + "\n")
+    fileio.append_text(self.path, json.dumps({"step": int(step), **record}) + "\n")
     if self._writer is not None:
       self._writer.write_scalars(step, record)
 

@@ -39,15 +39,28 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
   return data, fsdp
 
 
+def device_grid(data: int, fsdp: int, devices) -> np.ndarray:
+  """The (data, fsdp) array of devices. On several TPU slices (multi-slice), the data axis spans the slices over
+  the data-centre network and everything else stays inside a slice (a hybrid mesh); otherwise devices are ordered by
+  the physical topology (ICI rings on TPU; GPUs and CPUs in process order, so an fsdp group stays on one host when
+  it divides the host's device count)."""
+  slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+  if len(slices) > 1:
+    if data % len(slices):
+      raise ConfigError(f"the devices span {len(slices)} TPU slices, which the data axis must span: mesh.data={data} "
+                        f"must be a multiple of {len(slices)} (e.g. --config.mesh.data={len(slices)} "
+                        "--config.mesh.fsdp=-1 shards the state within each slice).")
+    return mesh_utils.create_hybrid_device_mesh((data // len(slices), fsdp), (len(slices), 1), devices)
+  try:
+    return mesh_utils.create_device_mesh((data, fsdp), devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    return np.asarray(devices).reshape(data, fsdp)
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   data, fsdp = mesh_shape(mesh_cfg, len(devices))
-  try:
-    # Orders devices by the physical topology (ICI rings on TPU, NVLink islands on GPU).
-    grid = mesh_utils.create_device_mesh((data, fsdp), devices[: data * fsdp])
-  except (ValueError, NotImplementedError, AssertionError):
-    grid = np.asarray(devices[: data * fsdp]).reshape(data, fsdp)
-  return Mesh(grid, AXES)
+  return Mesh(device_grid(data, fsdp, devices[: data * fsdp]), AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

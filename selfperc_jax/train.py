@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -10,7 +9,8 @@ import time
 import jax
 import ml_collections
 
-from selfperc_jax import checkpoint, data, diffusion, images, sampling, sharding, step as step_lib, validation
+from selfperc_jax import (checkpoint, data, diffusion, fileio, images, sampling, sharding, step as step_lib,
+                          validation)
 from selfperc_jax.errors import CheckpointError
 from selfperc_jax.logging_utils import MetricLogger
 from selfperc_jax.models import unet
@@ -22,7 +22,7 @@ class Setup:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, with_data: bool = True):
     validation.validate(config)
     self.config = config
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = fileio.resolve(workdir)  # a local path or a bucket URL (gs://...)
     self.mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, self.mesh)
     rows = sharding.process_rows(self.mesh, config.batch_size)
@@ -50,7 +50,7 @@ class Setup:
     return sharding.jit_init(self.init_fn, self.mesh, self.state_sharding)(key)
 
   def checkpointer(self, read_only: bool = False) -> checkpoint.Checkpointer:
-    return checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), self.config.keep_checkpoints,
+    return checkpoint.Checkpointer(fileio.join(self.workdir, "checkpoints"), self.config.keep_checkpoints,
                                    read_only=read_only)
 
 
@@ -66,7 +66,7 @@ def _open_init_source(setup: Setup) -> tuple[checkpoint.Checkpointer, int]:
   """The checkpoint that init_from names, checked before anything is built from it."""
   source = setup.config.init_from
   directory = checkpoint.checkpoint_dir(source)
-  if not os.path.isdir(directory):
+  if not fileio.isdir(directory):
     raise CheckpointError(f"init_from={source!r} does not exist; give a workdir (or its checkpoints/ folder) of an "
                           "earlier run.")
   src = checkpoint.Checkpointer(directory, read_only=True)
@@ -109,7 +109,7 @@ def _write_samples(setup: Setup, sample_fn, params, name: str) -> str:
   imgs, labels = sampling.draw(sample_fn, params, setup.config, setup.mesh)
   if jax.process_index() != 0:
     return ""
-  png, _ = images.save_samples(os.path.join(setup.workdir, "samples"), name, imgs, labels)
+  png, _ = images.save_samples(fileio.join(setup.workdir, "samples"), name, imgs, labels)
   return png
 
 
@@ -120,7 +120,7 @@ class Evaluator:
     from selfperc_jax.evaluation import evaluate
 
     self.setup, self.evaluate = setup, evaluate
-    self.eval_dir = os.path.join(setup.workdir, "eval")
+    self.eval_dir = fileio.join(setup.workdir, "eval")
     self.network = evaluate.feature_network(setup.config, self.eval_dir, setup.mesh)
     self.reference = evaluate.reference_features(setup.config, self.network)
     self.sample_fn = sampling.make_sample_fn(setup.config, setup.model, setup.schedule, setup.image_shape)
@@ -174,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
   notebook); calling again continues exactly where it stopped.
   """
   setup = Setup(config, workdir)
-  os.makedirs(setup.workdir, exist_ok=True)
+  fileio.makedirs(setup.workdir)
   base_key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(base_key)
   ckpt = setup.checkpointer()
@@ -228,8 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
 
 def _latest_sampling_params(setup: Setup):
   """(step, sampling-EMA params) of the workdir's latest checkpoint."""
-  ckpt_dir = os.path.join(setup.workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = fileio.join(setup.workdir, "checkpoints")
+  if not fileio.isdir(ckpt_dir):
     raise CheckpointError(f"{setup.workdir} has no checkpoints/ folder: train first (--mode=train) or fix --workdir.")
   ckpt = setup.checkpointer(read_only=True)
   latest = ckpt.latest_step()

@@ -31,15 +31,19 @@ def validate(config) -> None:
   _require(m.num_classes >= 1, f"model.num_classes={m.num_classes} must be >= 1.")
   _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
   _one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
+  _require(m.head_channels >= 0, f"model.head_channels={m.head_channels} must be >= 0 (0: use model.num_heads).")
   for i, mult in enumerate(m.channel_mult):
-    _require((m.base_channels * mult) % m.num_heads == 0,
-             f"model.num_heads={m.num_heads} must divide the channels of every level "
-             f"(level {i} has {m.base_channels * mult}).")
+    what, per = ("model.head_channels", m.head_channels) if m.head_channels else ("model.num_heads", m.num_heads)
+    _require((m.base_channels * mult) % per == 0,
+             f"{what}={per} must divide the channels of every level (level {i} has {m.base_channels * mult}).")
   downsample = 2 ** (len(m.channel_mult) - 1)
   size = config.data.image_size
   _require(size % downsample == 0,
            f"data.image_size={size} must be divisible by {downsample} for {len(m.channel_mult)} U-Net levels "
            "(model.channel_mult); change one of them.")
+
+  _require(int(config.data.num_workers) >= 0,
+           f"data.num_workers={config.data.num_workers} must be >= 0 (0: read in the main process).")
 
   d = config.diffusion
   _one_of(d.schedule, diffusion.SCHEDULES, "diffusion.schedule")
@@ -82,6 +86,8 @@ def validate(config) -> None:
            f"sample.steps={s.steps} is more than diffusion.timesteps={d.timesteps}; use at most that many.")
   _require(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be >= 0 (1 = no guidance).")
   _require(s.num_samples >= 1, f"sample.num_samples={s.num_samples} must be >= 1.")
+  _require(all(0 <= int(c) < m.num_classes for c in s.classes),
+           f"sample.classes={tuple(s.classes)} must be class ids in [0, {m.num_classes}) (empty: all classes).")
   _require(config.mesh.data == -1 or config.mesh.data >= 1, f"mesh.data={config.mesh.data} must be -1 or >= 1.")
   _require(config.mesh.get("fsdp", 1) == -1 or config.mesh.get("fsdp", 1) >= 1,
            f"mesh.fsdp={config.mesh.get('fsdp', 1)} must be -1 or >= 1.")

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from benchmarks import step_time
-from selfperc_jax import diffusion, flops, losses, sharding, step as step_lib, train
+from selfperc_jax import diffusion, flops, losses, sharding, train
 
 
 @pytest.fixture

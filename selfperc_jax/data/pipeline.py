@@ -19,12 +19,13 @@ import numpy as np
 
 from selfperc_jax.errors import ConfigError
 
-DATASETS = ("digits",)
+CHANNELS = {"digits": 1, "imagenet2012": 3}
+DATASETS = tuple(CHANNELS)
 
 
 @dataclasses.dataclass
 class Pipeline:
-  iterator: Any  # a grain DatasetIterator of {'image': float32 NHWC, 'label': int32} batches
+  iterator: Any  # a grain DatasetIterator of {'image': uint8 or float32 NHWC, 'label'} batches
   image_shape: tuple[int, int, int]
   num_classes: int
   num_examples: int
@@ -33,16 +34,13 @@ class Pipeline:
     return self
 
   def __next__(self):
-    return next(self.iterator)
+    return to_float(next(self.iterator))  # uint8 crosses the worker processes; floats are made here
 
   def get_state(self) -> dict:
     return self.iterator.get_state()
 
   def set_state(self, state: dict) -> None:
     self.iterator.set_state(state)
-
-
-CHANNELS = {"digits": 1}
 
 
 def image_shape(data_cfg) -> tuple[int, int, int]:
@@ -52,13 +50,56 @@ def image_shape(data_cfg) -> tuple[int, int, int]:
   return (data_cfg.image_size, data_cfg.image_size, CHANNELS[data_cfg.name])
 
 
-def _load_arrays(data_cfg):
+class _Arrays(Sequence):
+  """In-memory examples (the digits) as a random-access source."""
+
+  def __init__(self, images, labels):
+    self.images, self.labels = images, labels
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, i):
+    return {"image": self.images[i], "label": self.labels[i]}
+
+
+def open_source(data_cfg) -> tuple[Sequence, int]:
+  """(random-access source of {'image': HWC uint8 or [-1, 1] float, 'label'} records, number of classes)."""
   if data_cfg.name == "digits":
     from selfperc_jax.data import digits
 
     images, labels = digits.load(data_cfg.split, data_cfg.image_size)
-    return images, labels, digits.NUM_CLASSES
+    return _Arrays(images, labels), digits.NUM_CLASSES
+  if data_cfg.name == "imagenet2012":
+    from selfperc_jax.data import imagenet  # imports TFDS; only this data set needs it
+
+    return imagenet.open_source(data_cfg), imagenet.NUM_CLASSES
   raise ConfigError(f"data.name={data_cfg.name!r} is not known; choose one of {DATASETS}.")
+
+
+class _Read:
+  """Position -> record (a class, not a lambda, so that grain's worker processes can pickle it)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __call__(self, i):
+    return self.source[i]
+
+
+def _flip(example, rng: np.random.Generator):
+  """Horizontal flip with probability 1/2, drawn from grain's per-position generator (so resumable)."""
+  if rng.random() < 0.5:
+    example = {**example, "image": np.ascontiguousarray(example["image"][:, ::-1])}
+  return example
+
+
+def to_float(batch):
+  """uint8 images -> float32 in [-1, 1] (float images, the digits, pass through); int32 labels."""
+  image = batch["image"]
+  if image.dtype == np.uint8:
+    image = image.astype(np.float32) / 127.5 - 1.0
+  return {"image": image.astype(np.float32, copy=False), "label": np.asarray(batch["label"], np.int32)}
 
 
 class _Rows(Sequence):
@@ -85,17 +126,25 @@ def build(config, rows: tuple[int, int] | None = None) -> Pipeline:
   if config.batch_size % jax.process_count():
     raise ConfigError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} processes.")
   start, stop = default_rows(config.batch_size) if rows is None else rows
-  images, labels, num_classes = _load_arrays(config.data)
+  source, num_classes = open_source(config.data)
   if config.model.num_classes != num_classes:
     raise ConfigError(f"model.num_classes={config.model.num_classes} but data set {config.data.name!r} has "
                       f"{num_classes} classes; set --config.model.num_classes={num_classes}.")
-  if len(images) < config.batch_size:
-    raise ConfigError(f"batch_size={config.batch_size} is larger than the {len(images)} examples of data set "
+  if len(source) < config.batch_size:
+    raise ConfigError(f"batch_size={config.batch_size} is larger than the {len(source)} examples of data set "
                       f"{config.data.name!r} ({config.data.split}); lower batch_size.")
-  order = grain.MapDataset.source(np.arange(len(images))).shuffle(seed=config.seed).repeat()
-  ds = (
-      grain.MapDataset.source(_Rows(order, config.batch_size, start, stop))
-      .map(lambda i: {"image": images[i], "label": labels[i]})
-      .batch(stop - start, drop_remainder=True)
-  )
-  return Pipeline(iter(ds.to_iter_dataset()), tuple(images.shape[1:]), num_classes, len(images))
+  order = grain.MapDataset.source(np.arange(len(source))).shuffle(seed=config.seed).repeat()
+  # Batching stays in the MapDataset, so a batch is always the same rows whatever the number of worker processes
+  # (each worker builds whole batches; grain interleaves them back in order).
+  ds = grain.MapDataset.source(_Rows(order, config.batch_size, start, stop)).map(_Read(source))
+  if config.data.random_flip:
+    ds = ds.random_map(_flip, seed=config.seed)
+  ds = ds.batch(stop - start, drop_remainder=True).to_iter_dataset(
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+  if config.data.num_workers > 0:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside main (a notebook, tests) use defaults
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.data.num_workers)))
+  return Pipeline(iter(ds), image_shape(config.data), num_classes, len(source))

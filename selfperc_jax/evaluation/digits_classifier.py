@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from selfperc_jax import fileio
 from selfperc_jax.data import digits
 from selfperc_jax.evaluation.metrics import EvaluationError
 
@@ -117,10 +118,8 @@ class DigitsClassifier:
     """Writes the params to an .npz (one array per parameter path plus a format tag), atomically."""
     flat = traverse_util.flatten_dict(jax.device_get(self.params), sep="/")
     arrays = {f"params/{k}": np.asarray(v) for k, v in flat.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, format=np.array(_FILE_FORMAT), **arrays)
-    os.replace(tmp, path)
+    fileio.makedirs(os.path.dirname(fileio.resolve(path)))
+    fileio.savez(path, format=np.array(_FILE_FORMAT), **arrays)
 
   @classmethod
   def load(cls, path: str) -> "DigitsClassifier":
@@ -128,10 +127,10 @@ class DigitsClassifier:
     module = DigitsCNN()
     template = traverse_util.flatten_dict(_param_template(module), sep="/")
     expected = f"an .npz written by DigitsClassifier.save ({_FILE_FORMAT})"
-    if not os.path.isfile(path):
+    if not fileio.exists(path):
       raise EvaluationError(f"digits classifier file {path!r} does not exist; it must be {expected}.")
     try:
-      with np.load(path, allow_pickle=False) as data:
+      with fileio.load_npz(path) as data:
         stored = {name: np.asarray(data[name]) for name in data.files}
     except Exception as e:  # truncated / not a zip / bad member: numpy raises several types
       raise EvaluationError(
@@ -140,9 +139,9 @@ class DigitsClassifier:
     fmt = str(stored.pop("format", ""))
     if fmt != _FILE_FORMAT:
       raise EvaluationError(f"digits classifier file {path!r} has format {fmt!r}; it must be {expected}.")
-    problems = []
+    problems, stored_params = [], {}
     for key, leaf in template.items():
-      value = stored.pop(f"params/{key}", None)
+      value = stored_params[key] = stored.pop(f"params/{key}", None)
       if value is None:
         problems.append(f"missing {key}")
       elif value.shape != leaf.shape:
@@ -152,8 +151,7 @@ class DigitsClassifier:
       raise EvaluationError(
           f"digits classifier file {path!r} does not match the architecture: {'; '.join(problems)}. Delete it to "
           f"retrain.")
-    with np.load(path, allow_pickle=False) as data:
-      params = {key: jnp.asarray(data[f"params/{key}"], template[key].dtype) for key in template}
+    params = {key: jnp.asarray(stored_params[key], template[key].dtype) for key in template}
     return cls(traverse_util.unflatten_dict(params, sep="/"), module)
 
 
@@ -223,10 +221,10 @@ def cached_classifier(cache_dir: str | None = None, seed: int = 0, steps: int = 
   """
   if cache_dir is None:
     return _trained_in_process(seed, steps)
-  path = os.path.join(cache_dir, f"digits_classifier_seed{seed}_steps{steps}.npz")
-  if os.path.exists(path):
+  path = fileio.join(cache_dir, f"digits_classifier_seed{seed}_steps{steps}.npz")
+  if fileio.exists(path):
     return DigitsClassifier.load(path)
   classifier = _trained_in_process(seed, steps)  # deterministic, so one training serves every directory
-  os.makedirs(cache_dir, exist_ok=True)
+  fileio.makedirs(cache_dir)
   classifier.save(path)
   return classifier

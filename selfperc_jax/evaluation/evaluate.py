@@ -8,10 +8,10 @@ class k look like a k?) and the mean confidence in the requested class.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
+from selfperc_jax import fileio
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.evaluation import metrics
 
@@ -53,11 +53,9 @@ def reference_features(config, network) -> np.ndarray:
 
 def reference_from_file(path: str, network) -> np.ndarray:
   """Features of a reference .npz: stored ones (mu, sigma, features) or computed from its images (arr_0)."""
-  import os
-
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise metrics.EvaluationError(f"reference file {path} does not exist.")
-  with np.load(path) as f:
+  with fileio.load_npz(path) as f:
     keys = set(f)
     if {"mu", "sigma", "features"} <= keys:
       return metrics.load_reference(path).features
@@ -105,15 +103,9 @@ def score(images, labels, network, reference: np.ndarray, class_scores: bool = T
 
 def write_result(eval_dir: str, step: int, setting: str, result: dict) -> str:
   """Adds one setting's metrics to eval/step_<STEP>.json, keeping every other setting already in it."""
-  os.makedirs(eval_dir, exist_ok=True)
-  path = os.path.join(eval_dir, f"step_{step}.json")
-  existing = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      existing = json.load(f)
+  fileio.makedirs(eval_dir)
+  path = fileio.join(eval_dir, f"step_{step}.json")
+  existing = json.loads(fileio.read_text(path)) if fileio.exists(path) else {}
   existing[setting] = result
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(existing, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  fileio.write_text(path, json.dumps(existing, indent=2, sort_keys=True))
   return path

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from selfperc_jax import fileio
 from selfperc_jax.errors import UserError
 
 
@@ -228,20 +229,17 @@ def save_reference(path: str, features) -> Reference:
   mu, sigma = feature_statistics(x)
   if not path.endswith(".npz"):
     raise EvaluationError(f"reference statistics path {path!r} must end in .npz.")
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = f"{path[:-4]}.tmp{os.getpid()}.npz"
-  np.savez(tmp, mu=mu, sigma=sigma, features=x.astype(np.float32))
-  os.replace(tmp, path)
+  fileio.makedirs(os.path.dirname(fileio.resolve(path)))
+  fileio.savez(path, mu=mu, sigma=sigma, features=x.astype(np.float32))
   return Reference(mu, sigma, x.astype(np.float32))
 
 
 def load_reference(path: str) -> Reference:
   """Reads a file written by `save_reference`; anything else is refused with what the file must contain."""
-  if not os.path.isfile(path):
+  if not fileio.exists(path):
     raise EvaluationError(f"reference statistics file {path!r} does not exist; it must be {_REFERENCE_CONTENTS}.")
   try:
-    with np.load(path, allow_pickle=False) as data:
+    with fileio.load_npz(path) as data:
       missing = [key for key in REFERENCE_KEYS if key not in data.files]
       if missing:
         raise EvaluationError(

@@ -68,18 +68,24 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-  """Multi-head self-attention over the spatial positions, residual, zero-initialised output projection."""
+  """Multi-head self-attention over the spatial positions, residual, zero-initialised output projection.
+
+  `num_heads` heads, or with `head_channels` > 0 as many heads as have that many channels (ADM's num_head_channels).
+  """
 
   num_heads: int
   dtype: Any = jnp.float32
+  head_channels: int = 0
 
   @nn.compact
   def __call__(self, x):
     b, hgt, wid, c = x.shape
-    if c % self.num_heads:
-      raise ValueError(f"model.num_heads={self.num_heads} must divide the channel count {c} of every attention layer.")
+    heads = c // self.head_channels if self.head_channels else self.num_heads
+    if c % heads or (self.head_channels and c % self.head_channels):
+      raise ValueError(f"the attention heads (model.num_heads={self.num_heads}, model.head_channels="
+                       f"{self.head_channels}) must divide the channel count {c} of every attention layer.")
     h = nn.GroupNorm(_num_groups(c), dtype=self.dtype, name="norm")(x).reshape(b, hgt * wid, c)
-    qkv = nn.DenseGeneral((3, self.num_heads, c // self.num_heads), dtype=self.dtype, name="qkv")(h)
+    qkv = nn.DenseGeneral((3, heads, c // heads), dtype=self.dtype, name="qkv")(h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     h = nn.dot_product_attention(q, k, v, dtype=self.dtype)
     h = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj")(h)
@@ -92,6 +98,7 @@ class UNet(nn.Module):
   num_res_blocks: int = 2
   attention_resolutions: Sequence[int] = ()  # feature-map sizes (in pixels) that get self-attention
   num_heads: int = 4
+  head_channels: int = 0  # > 0: heads of this many channels each, overriding num_heads
   dropout: float = 0.0
   num_classes: int = 10
   out_channels: int = 1
@@ -131,7 +138,7 @@ class UNet(nn.Module):
       for block in range(self.num_res_blocks):
         h = Res(self.base_channels * mult, self.dropout, self.dtype, name=f"enc_{level}_{block}")(h, emb, train)
         if h.shape[1] in self.attention_resolutions:
-          h = Attn(self.num_heads, self.dtype, name=f"enc_{level}_{block}_attn")(h)
+          h = Attn(self.num_heads, self.dtype, self.head_channels, name=f"enc_{level}_{block}_attn")(h)
         skips.append(h)
       if tap(encoder_tap(level), h):
         return found
@@ -141,7 +148,7 @@ class UNet(nn.Module):
 
     mid_channels = h.shape[-1]
     h = Res(mid_channels, self.dropout, self.dtype, name="mid_res_0")(h, emb, train)
-    h = Attn(self.num_heads, self.dtype, name="mid_attn")(h)
+    h = Attn(self.num_heads, self.dtype, self.head_channels, name="mid_attn")(h)
     h = Res(mid_channels, self.dropout, self.dtype, name="mid_res_1")(h, emb, train)
     if tap(MID_TAP, h):
       return found
@@ -151,7 +158,7 @@ class UNet(nn.Module):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = Res(self.base_channels * mult, self.dropout, self.dtype, name=f"dec_{level}_{block}")(h, emb, train)
         if h.shape[1] in self.attention_resolutions:
-          h = Attn(self.num_heads, self.dtype, name=f"dec_{level}_{block}_attn")(h)
+          h = Attn(self.num_heads, self.dtype, self.head_channels, name=f"dec_{level}_{block}_attn")(h)
       if level != 0:
         b, hgt, wid, c = h.shape
         h = jax.image.resize(h, (b, 2 * hgt, 2 * wid, c), "nearest")
@@ -172,6 +179,7 @@ def unet_from_config(model_cfg, out_channels: int) -> UNet:
       num_res_blocks=model_cfg.num_res_blocks,
       attention_resolutions=tuple(model_cfg.attention_resolutions),
       num_heads=model_cfg.num_heads,
+      head_channels=int(model_cfg.get("head_channels", 0)),
       dropout=model_cfg.dropout,
       num_classes=model_cfg.num_classes,
       out_channels=out_channels,
