@@ -4,14 +4,15 @@
 #
 # Once, on the shared file system, from the repository root:
 #   python3 -m venv .venv && .venv/bin/pip install -e . "jax[cuda12]"
-# Then:
+# Then, from the repository root:
 #   WORKDIR=/shared/runs/imagenet256 DATA_DIR=/shared/tensorflow_datasets sbatch launch/gpu_slurm.sh
 #   WORKDIR=... DATA_DIR=... sbatch --nodes=4 launch/gpu_slurm.sh --config.batch_size=1024   # 32 GPUs
 #
 # Environment: WORKDIR (required), DATA_DIR (the TFDS data directory holding imagenet2012 as array_record; default
 # $HOME/tensorflow_datasets), CONFIG (default configs/imagenet256.py:gpu), VENV (default .venv).
-# SLURM sends SIGTERM 5 minutes before the time limit (--signal): the run checkpoints at the step it reached and
-# exits; --requeue restarts the job, which resumes from WORKDIR.
+# Five minutes before the time limit SLURM signals this script (--signal=B:USR1@300); it sends SIGTERM to the
+# training processes (scancel --signal), which checkpoint at the step they reached and exit, and then requeues the job, which resumes
+# from WORKDIR. A run that finishes is not requeued.
 #
 #SBATCH --job-name=selfperc
 #SBATCH --nodes=1
@@ -19,7 +20,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=12
 #SBATCH --time=24:00:00
-#SBATCH --signal=TERM@300
+#SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
@@ -28,8 +29,19 @@ set -euo pipefail
 CONFIG="${CONFIG:-configs/imagenet256.py:gpu}"
 DATA_DIR="${DATA_DIR:-$HOME/tensorflow_datasets}"
 VENV="${VENV:-.venv}"
-cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+cd "${SLURM_SUBMIT_DIR:-.}"  # sbatch runs a copy of this script; the submit directory is the repository root
+[[ -d selfperc_jax ]] || { echo "submit from the repository root (no selfperc_jax/ in $PWD)" >&2; exit 2; }
 
 echo "$(date) job ${SLURM_JOB_ID:-?}: ${SLURM_NNODES:-1} node(s) x ${SLURM_NTASKS_PER_NODE:-8} processes"
-srun --kill-on-bad-exit=1 "$VENV/bin/python" -m selfperc_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
-  --config.data.dir="$DATA_DIR" "$@"
+srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-12}" "$VENV/bin/python" -m selfperc_jax.main \
+  --config="$CONFIG" --workdir="$WORKDIR" --config.data.dir="$DATA_DIR" "$@" &
+SRUN_PID=$!
+
+on_time_limit() {
+  echo "$(date) time limit near: checkpointing, then requeueing job $SLURM_JOB_ID"
+  scancel --signal=TERM "$SLURM_JOB_ID.0"  # every task of the training step (step 0) gets SIGTERM
+  wait "$SRUN_PID" || true
+  scontrol requeue "$SLURM_JOB_ID"
+}
+trap on_time_limit USR1
+wait "$SRUN_PID"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
 
 from etils import epath
 
@@ -46,9 +47,10 @@ def read_text(path) -> str:
 
 
 def write_bytes(path, data: bytes) -> None:
-  """Writes a temporary file beside `path`, then renames it over `path`: a reader never sees a partial file."""
+  """Writes a temporary file beside `path`, then renames it over `path`: a reader never sees a partial file. The
+  temporary name is unique, so processes writing the same file never write into each other's."""
   path = epath.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
+  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}_{uuid.uuid4().hex[:8]}")
   tmp.write_bytes(data)
   tmp.replace(path)
 

@@ -23,11 +23,15 @@ flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs outside Cloud TPU and SLURM (which are detected).")
 flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() and let JAX find the other processes (Cloud TPU VM pod slices, "
+                  "whose workers JAX finds from the VM metadata; launch/tpu_vm.sh passes it). SLURM jobs of several "
+                  "tasks and GKE TPU pods are detected without it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _auto_detected_multi_process() -> bool:
-  """Cloud TPU pod slices and SLURM jobs of several tasks: jax.distributed.initialize() finds the rest itself."""
+  """GKE TPU pods (TPU_WORKER_HOSTNAMES) and SLURM jobs of several tasks; JAX finds the rest itself."""
   env = os.environ
   tpu_workers = env.get("TPU_WORKER_HOSTNAMES", "")
   return ("," in tpu_workers or "MEGASCALE_COORDINATOR_ADDRESS" in env
@@ -44,7 +48,7 @@ def initialize_distributed() -> None:
     # CPU processes need a collectives backend of their own to talk to each other.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif _auto_detected_multi_process():
+  elif FLAGS.distributed or _auto_detected_multi_process():
     jax.distributed.initialize()
 
 

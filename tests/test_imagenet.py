@@ -153,14 +153,34 @@ def test_pipeline_flips_half_the_images_deterministically_and_resumes(tiny_image
   assert (unflipped[:, :, :12].mean(axis=(1, 2, 3)) > unflipped[:, :, 20:].mean(axis=(1, 2, 3))).all()
 
 
-def test_worker_processes_give_the_same_batches(tiny_imagenet):
-  """Each grain worker builds whole batches, so their number never changes the data."""
-  inline = data.build(_pipeline_config(tiny_imagenet))
-  workers = data.build(_pipeline_config(tiny_imagenet, **{"data.num_workers": 2}))
-  for _ in range(4):
-    x, y = next(inline), next(workers)
+def _assert_same_batches(expected, got):
+  for x, y in zip(expected, got):
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_flipped_global_batch_is_the_same_for_any_number_of_processes(tiny_imagenet):
+  """Two processes reading rows [0, 4) and [4, 8) of each global batch together read (and flip) exactly what one
+  process reads: the flips are drawn per global position, not per process."""
+  config = _pipeline_config(tiny_imagenet)
+  whole = data.build(config, rows=(0, 8))
+  halves = [data.build(config, rows=(0, 4)), data.build(config, rows=(4, 8))]
+  for _ in range(4):
+    parts = [next(h) for h in halves]
+    _assert_same_batches([next(whole)], [{k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")}])
+
+
+def test_worker_processes_give_the_same_batches_and_resume(tiny_imagenet):
+  """Each grain worker builds whole batches, so their number never changes the data; their state resumes too."""
+  inline = data.build(_pipeline_config(tiny_imagenet))
+  expected = [next(inline) for _ in range(5)]
+  config = _pipeline_config(tiny_imagenet, **{"data.num_workers": 2})
+  workers = data.build(config)
+  _assert_same_batches(expected[:2], [next(workers) for _ in range(2)])
+  state = workers.get_state()
+  resumed = data.build(config)
+  resumed.set_state(state)
+  _assert_same_batches(expected[2:], [next(resumed) for _ in range(3)])
 
 
 # --- bad inputs --------------------------------------------------------------------------------------------------

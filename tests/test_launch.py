@@ -59,7 +59,7 @@ def test_tpu_script_creates_installs_and_starts_the_same_command_on_all_workers(
   command = shlex.split(shlex.split(ssh[-1])[-1].split("--command=", 1)[-1])
   start = command.index("selfperc_jax.main")
   words = command[start + 1:]
-  assert command[start - 1] == "-m" and "--workdir=gs://bucket/run" in words
+  assert command[start - 1] == "-m" and "--workdir=gs://bucket/run" in words and "--distributed" in words
   assert "--config=configs/imagenet256.py" in words and "--config.batch_size=512" in words
   assert "--config.data.dir=/tmp/tfds" in words  # the gcsfuse mount point
   _check_main_command([w for w in words if w != ">"])
@@ -68,6 +68,9 @@ def test_tpu_script_creates_installs_and_starts_the_same_command_on_all_workers(
 def test_gpu_script_runs_one_process_per_gpu_with_the_gpu_config():
   text = (REPO / "launch" / "gpu_slurm.sh").read_text()
   assert "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --gpus-per-node=8" in text
+  # near the time limit: SIGTERM to the training step (checkpoint), then requeue
+  assert "#SBATCH --signal=B:USR1@300" in text and "trap on_time_limit USR1" in text
+  assert 'scancel --signal=TERM "$SLURM_JOB_ID.0"' in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
   assert 'CONFIG="${CONFIG:-configs/imagenet256.py:gpu}"' in text
   srun = re.search(r"srun .*?-m selfperc_jax\.main (.*?)\"\$@\"", text, re.S).group(1)
   words = shlex.split(srun.replace("\\\n", " ").replace('"$CONFIG"', "configs/imagenet256.py:gpu"))

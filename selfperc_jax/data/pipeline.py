@@ -10,6 +10,7 @@ the checkpoint stores, so a restarted run continues the same sequence of batches
 from __future__ import annotations
 
 import dataclasses
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,20 +79,27 @@ def open_source(data_cfg) -> tuple[Sequence, int]:
 
 
 class _Read:
-  """Position -> record (a class, not a lambda, so that grain's worker processes can pickle it)."""
+  """(global position, example id) -> record, flipped horizontally with probability 1/2 when flip_seed is set.
 
-  def __init__(self, source):
-    self.source = source
+  The flip is drawn from (flip_seed, global position): the same for any number of processes or workers, and after
+  a resume. (A class, not a closure, so that grain's worker processes can pickle it.)
+  """
 
-  def __call__(self, i):
-    return self.source[i]
+  def __init__(self, source, flip_seed: int | None):
+    self.source, self.flip_seed = source, flip_seed
+
+  def __call__(self, item):
+    position, index = item
+    example = self.source[index]
+    if self.flip_seed is not None and np.random.default_rng((self.flip_seed, position)).random() < 0.5:
+      example = {**example, "image": np.ascontiguousarray(example["image"][:, ::-1])}
+    return example
 
 
-def _flip(example, rng: np.random.Generator):
-  """Horizontal flip with probability 1/2, drawn from grain's per-position generator (so resumable)."""
-  if rng.random() < 0.5:
-    example = {**example, "image": np.ascontiguousarray(example["image"][:, ::-1])}
-  return example
+def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+  """Data workers outlive a SIGTERM sent to the whole process group, so the trainer can read on to its checkpoint."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def to_float(batch):
@@ -103,7 +111,7 @@ def to_float(batch):
 
 
 class _Rows(Sequence):
-  """The rows [start, stop) of every global batch of `order`, as one flat sequence of example ids."""
+  """The rows [start, stop) of every global batch of `order`, as one flat sequence of (global position, example id)."""
 
   def __init__(self, order, global_batch: int, start: int, stop: int):
     self.order, self.global_batch, self.start, self.local = order, global_batch, start, stop - start
@@ -112,7 +120,8 @@ class _Rows(Sequence):
     return len(self.order) // self.global_batch * self.local
 
   def __getitem__(self, j):
-    return self.order[(j // self.local) * self.global_batch + self.start + j % self.local]
+    position = (j // self.local) * self.global_batch + self.start + j % self.local
+    return position, self.order[position]
 
 
 def default_rows(global_batch: int) -> tuple[int, int]:
@@ -136,9 +145,8 @@ def build(config, rows: tuple[int, int] | None = None) -> Pipeline:
   order = grain.MapDataset.source(np.arange(len(source))).shuffle(seed=config.seed).repeat()
   # Batching stays in the MapDataset, so a batch is always the same rows whatever the number of worker processes
   # (each worker builds whole batches; grain interleaves them back in order).
-  ds = grain.MapDataset.source(_Rows(order, config.batch_size, start, stop)).map(_Read(source))
-  if config.data.random_flip:
-    ds = ds.random_map(_flip, seed=config.seed)
+  flip_seed = config.seed if config.data.random_flip else None
+  ds = grain.MapDataset.source(_Rows(order, config.batch_size, start, stop)).map(_Read(source, flip_seed))
   ds = ds.batch(stop - start, drop_remainder=True).to_iter_dataset(
       grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
   if config.data.num_workers > 0:
@@ -146,5 +154,6 @@ def build(config, rows: tuple[int, int] | None = None) -> Pipeline:
 
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside main (a notebook, tests) use defaults
       flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.data.num_workers)))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.data.num_workers)),
+                        worker_init_fn=_ignore_sigterm)
   return Pipeline(iter(ds), image_shape(config.data), num_classes, len(source))

@@ -10,11 +10,11 @@ requested labels, which add the class accuracy and confidence). Prints a table o
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 
+from selfperc_jax import fileio
 from selfperc_jax.errors import UserError
 from selfperc_jax.evaluation import metrics
 
@@ -22,9 +22,9 @@ FEATURES = ("digits", "inception")
 
 
 def _load_images(path: str, what: str):
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise metrics.EvaluationError(f"{what} file {path} does not exist.")
-  with np.load(path) as f:
+  with fileio.load_npz(path) as f:
     if "arr_0" not in f:
       raise metrics.EvaluationError(f"{what} file {path} has no 'arr_0' (uint8 NHWC images); it holds {sorted(f)}.")
     return f["arr_0"], (f["arr_1"] if "arr_1" in f else None)
