@@ -2,6 +2,7 @@
 
   python benchmarks/step_time.py --config=configs/digits.py [--config.x=y ...] [--out=BENCHMARKS.md] [--json=F]
   python benchmarks/step_time.py --config=configs/digits.py --scaling=1,2,4,8 --simulate_devices=8 --out=BENCHMARKS.md
+  python benchmarks/step_time.py --config=configs/imagenet256.py --analytic_only   # counts only, no compile
 
 Reports per-step median times of the MSE step (`loss.perceptual_weight=0`: no perceptual code is traced) and the
 self-perceptual step (the term active from step 0), their ratio, the compile times, XLA's FLOPs of both compiled
@@ -50,6 +51,8 @@ flags.DEFINE_string("json", None, "Write the figures as JSON here.")
 flags.DEFINE_string("scaling", None, "Comma-separated device counts for a weak-scaling run, e.g. 1,2,4,8.")
 flags.DEFINE_integer("per_device_batch", 16, "Per-device batch of the weak-scaling run.")
 flags.DEFINE_integer("simulate_devices", 0, "Simulated CPU devices (read before JAX starts).")
+flags.DEFINE_bool("analytic_only", False, "Only count (no compile, no timing): params, state size and the analytic "
+                  "FLOPs per step; for configs too large for this machine, e.g. configs/imagenet256.py.")
 flags.DEFINE_string("label", "", "A free-text label for the BENCHMARKS.md row (e.g. 'bf16', 'remat').")
 
 
@@ -213,9 +216,30 @@ def write_markdown(path: str, result: dict) -> None:
         f.write(f"| {row['devices']} | {row['batch_size']} | {row['step_ms_sp']:.1f} | {row['compile_s']:.1f} |\n")
 
 
+def analytic_plan(config) -> dict:
+  """Counts without compiling: params, float32 train-state bytes, and matmul FLOPs per step at the config's batch
+  (training = forward + backward = 3 forwards; self-perceptual adds 3 encoder passes, see the header)."""
+  setup = train.Setup(config, "/nonexistent", with_data=False)
+  forward, encoder = analytic_flops(setup)
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
+  state = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state))
+  b = config.batch_size
+  return {"params": params, "state_gb": state / 1e9, "batch_size": b, "forward_gflops_per_example": forward / b / 1e9,
+          "encoder_gflops_per_example": encoder / b / 1e9, "step_tflops_mse": 3 * forward / 1e12,
+          "step_tflops_sp": (3 * forward + 3 * encoder) / 1e12, "analytic_flop_ratio": (forward + encoder) / forward}
+
+
 def main(argv):
   del argv
   config = FLAGS.config
+  if FLAGS.analytic_only:
+    plan = analytic_plan(config)
+    for key, value in plan.items():
+      print(f"{key}: {value:,.4g}" if isinstance(value, float) else f"{key}: {value:,}")
+    if FLAGS.json:
+      with open(FLAGS.json, "w") as f:
+        json.dump(plan, f, indent=2)
+    return
   result = measure(config, FLAGS.steps, FLAGS.rounds, FLAGS.warmup)
   result["label"] = FLAGS.label or "default"
   print(HEADER)

@@ -38,6 +38,7 @@ def get_config(arg=None):
   config.data.dir = ""  # data sets read from disk (imagenet2012): the TFDS data directory; the digits need none
   config.data.random_flip = False  # horizontal flips would turn digits into other shapes
   config.data.num_workers = 0  # grain worker processes per host (0: in the main process)
+  config.data.read_threads = 2  # threads per process, each building one batch at a time
 
   config.model = ml_collections.ConfigDict()
   config.model.base_channels = 32

@@ -59,7 +59,10 @@ def get_config(arg=None):
   config.data.image_size = 256  # ADM centre crop to this size
   config.data.dir = ""  # the TFDS data directory holding imagenet2012 (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)
   config.data.random_flip = True
-  config.data.num_workers = 32  # grain worker processes per host that decode and crop the JPEGs
+  # grain worker processes per host that decode and crop the JPEGs; one CPU core does about 400 images/s
+  # (BENCHMARKS.md, "Input pipeline"), far more than a host's share of the batch needs.
+  config.data.num_workers = 8
+  config.data.read_threads = 2  # threads per worker process, each building one batch at a time
 
   config.model = ml_collections.ConfigDict()
   config.model.base_channels = 256
@@ -132,7 +135,7 @@ def get_config(arg=None):
   else:
     config.mesh.data = -1
     config.mesh.fsdp = 1
-    config.data.num_workers = 8  # launch/gpu_slurm.sh runs one process per GPU, eight per node
+    config.data.num_workers = 2  # launch/gpu_slurm.sh runs one process per GPU, eight per node
   config.mesh.fsdp_min_size = 1 << 16  # smaller arrays (norms, biases, the input conv) stay replicated
 
   if "mse" in args:

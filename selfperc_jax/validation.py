@@ -44,6 +44,7 @@ def validate(config) -> None:
 
   _require(int(config.data.num_workers) >= 0,
            f"data.num_workers={config.data.num_workers} must be >= 0 (0: read in the main process).")
+  _require(int(config.data.read_threads) >= 1, f"data.read_threads={config.data.read_threads} must be >= 1.")
 
   d = config.diffusion
   _one_of(d.schedule, diffusion.SCHEDULES, "diffusion.schedule")

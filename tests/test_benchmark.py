@@ -116,3 +116,15 @@ def test_remat_recomputes_blocks_and_gives_the_same_step(tiny):
     assert ("remat" in str(jax.make_jaxpr(grad)(state.params))) == remat  # the rematerialisation primitive
   for a, b in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_analytic_plan_counts_without_compiling(tiny):
+  plan = step_time.analytic_plan(tiny)
+  setup = train.Setup(tiny, "/nonexistent", with_data=False)
+  forward, encoder = step_time.analytic_flops(setup)
+  b = tiny.batch_size
+  assert plan["forward_gflops_per_example"] == pytest.approx(forward / b / 1e9)
+  assert 0 < plan["encoder_gflops_per_example"] < plan["forward_gflops_per_example"]
+  assert plan["step_tflops_sp"] / plan["step_tflops_mse"] == pytest.approx(plan["analytic_flop_ratio"])
+  # float32 params, two Adam moments, the sampling EMA and the perceptual copy: five copies of the params
+  assert plan["state_gb"] == pytest.approx(5 * 4 * plan["params"] / 1e9, rel=1e-3)

@@ -3,16 +3,15 @@ synthetic JPEGs in the real tar layout) prepared by the project's prepare comman
 imagenet2012 builder into real array_record files. Then the ADM crop, the pipeline (flips, resume, worker
 processes), the errors for missing or mis-prepared data, and a few steps of the imagenet256 config."""
 
-import io
 import os
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks import fake_imagenet
 from conftest import REPO, load_config
 from selfperc_jax import data, train
 from selfperc_jax.data import imagenet
@@ -23,12 +22,6 @@ tfds = pytest.importorskip("tensorflow_datasets")
 NUM_SYNSETS, PER_SYNSET = 4, 6
 
 
-def _jpeg(array) -> bytes:
-  out = io.BytesIO()
-  Image.fromarray(array).save(out, "JPEG", quality=95)
-  return out.getvalue()
-
-
 def _image(k: int, j: int) -> np.ndarray:
   """Class k's j-th image: brightness 40 * (k + 1) on the left half, black on the right; sizes vary."""
   h, w = 40 + 8 * j, 64 - 4 * j
@@ -37,28 +30,8 @@ def _image(k: int, j: int) -> np.ndarray:
   return a
 
 
-def _add(tar, name, payload: bytes):
-  info = tarfile.TarInfo(name)
-  info.size = len(payload)
-  tar.addfile(info, io.BytesIO(payload))
-
-
-def write_ilsvrc_archives(manual_dir) -> list[str]:
-  """ILSVRC2012_img_train.tar (one inner tar per synset) and ILSVRC2012_img_val.tar, as image-net.org ships them."""
-  labels_file = os.path.join(os.path.dirname(tfds.__file__), "datasets", "imagenet2012", "labels.txt")
-  synsets = open(labels_file).read().split()[:NUM_SYNSETS]
-  os.makedirs(manual_dir, exist_ok=True)
-  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as outer:
-    for k, synset in enumerate(synsets):
-      inner = io.BytesIO()
-      with tarfile.open(fileobj=inner, mode="w") as t:
-        for j in range(PER_SYNSET):
-          _add(t, f"{synset}_{j}.JPEG", _jpeg(_image(k, j)))
-      _add(outer, f"{synset}.tar", inner.getvalue())
-  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as outer:
-    for j in range(3):
-      _add(outer, f"ILSVRC2012_val_{j + 1:08d}.JPEG", _jpeg(_image(0, j)))
-  return synsets
+def write_ilsvrc_archives(manual_dir):
+  return fake_imagenet.write_archives(manual_dir, NUM_SYNSETS, PER_SYNSET, _image)
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +207,16 @@ def test_imagenet256_config_trains_on_the_prepared_data(tiny_imagenet, tmp_path)
   with np.load(tmp_path / "samples" / "step_3.npz") as f:
     assert f["arr_0"].shape == (8, 32, 32, 3)
     assert sorted(set(f["arr_1"].tolist())) == sorted(config.sample.classes)
+
+
+def test_data_throughput_benchmark_writes_its_figures(tmp_path):
+  out = tmp_path / "BENCH.md"
+  result = subprocess.run(
+      [sys.executable, "benchmarks/data_throughput.py", "--synthetic=16", "--workers=0", "--batch=8", "--batches=2",
+       "--image_size=32", f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  text = out.read_text()
+  assert "synthetic 500x375 JPEGs (16), crop 32" in text
+  row = [line for line in text.splitlines() if line.startswith("| 0 | 2 | 8 |")]
+  assert len(row) == 1 and float(row[0].split("|")[4]) > 0
+  assert float(text.split("Decode + ADM crop: ")[1].split(" ms")[0]) > 0

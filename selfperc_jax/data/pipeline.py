@@ -147,8 +147,11 @@ def build(config, rows: tuple[int, int] | None = None) -> Pipeline:
   # (each worker builds whole batches; grain interleaves them back in order).
   flip_seed = config.seed if config.data.random_flip else None
   ds = grain.MapDataset.source(_Rows(order, config.batch_size, start, stop)).map(_Read(source, flip_seed))
+  # Each thread builds one whole batch, so read_threads batches are in flight per process (Pillow releases the GIL
+  # while it decodes and resizes).
+  threads = int(config.data.read_threads)
   ds = ds.batch(stop - start, drop_remainder=True).to_iter_dataset(
-      grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
   if config.data.num_workers > 0:
     from absl import flags
 
