@@ -57,7 +57,7 @@ def get_config(arg=None):
   config.data.name = "imagenet2012"
   config.data.split = "train"  # 'train' or 'validation'
   config.data.image_size = 256  # ADM centre crop to this size
-  config.data.dir = ""  # the TFDS data directory holding imagenet2012 (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  config.data.dir = ""  # TFDS data directory with imagenet2012 ('': $TFDS_DATA_DIR or ~/tensorflow_datasets)
   config.data.random_flip = True
   # grain worker processes per host that decode and crop the JPEGs; one CPU core does about 400 images/s
   # (BENCHMARKS.md, "Input pipeline"), far more than a host's share of the batch needs.

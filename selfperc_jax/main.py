@@ -24,32 +24,9 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
 flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() and let JAX find the other processes (Cloud TPU VM pod slices, "
-                  "whose workers JAX finds from the VM metadata; launch/tpu_vm.sh passes it). SLURM jobs of several "
-                  "tasks and GKE TPU pods are detected without it.")
+                  "Call jax.distributed.initialize() and let JAX find the other processes; an error if it cannot. "
+                  "Without it, Cloud TPU VMs, GKE TPU pods and SLURM jobs of several tasks are detected.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _auto_detected_multi_process() -> bool:
-  """GKE TPU pods (TPU_WORKER_HOSTNAMES) and SLURM jobs of several tasks; JAX finds the rest itself."""
-  env = os.environ
-  tpu_workers = env.get("TPU_WORKER_HOSTNAMES", "")
-  return ("," in tpu_workers or "MEGASCALE_COORDINATOR_ADDRESS" in env
-          or int(env.get("SLURM_NTASKS", "1") or 1) > 1)
-
-
-def initialize_distributed() -> None:
-  import jax
-
-  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  if any(v is not None for v in explicit):
-    if any(v is None for v in explicit):
-      raise UserError("--coordinator_address, --num_processes and --process_id go together; give all three.")
-    # CPU processes need a collectives backend of their own to talk to each other.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif FLAGS.distributed or _auto_detected_multi_process():
-    jax.distributed.initialize()
 
 
 def main(argv):
@@ -59,10 +36,10 @@ def main(argv):
     # Orbax and TensorFlow log every save at INFO; the run's own progress goes to stdout. -v 0 brings them back.
     logging.set_verbosity(logging.WARNING)
   # Imported here so that `--help` and flag errors come back before JAX starts up.
-  from selfperc_jax import train
+  from selfperc_jax import distributed, train
 
   try:
-    initialize_distributed()
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed)
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
