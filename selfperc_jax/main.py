@@ -47,7 +47,6 @@ def main(argv):
     else:
       train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
   except UserError as e:
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
