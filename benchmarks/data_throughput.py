@@ -34,7 +34,7 @@ flags.DEFINE_integer("synthetic", 0, "Prepare this many synthetic 500x375 JPEGs 
 flags.DEFINE_string("workers", "0,2", "Comma-separated grain worker counts to time.")
 flags.DEFINE_integer("threads", 2, "data.read_threads: threads per process, each building one batch.")
 flags.DEFINE_integer("batch", 64, "Per-host batch.")
-flags.DEFINE_integer("batches", 6, "Timed batches per worker count (after one warm-up batch).")
+flags.DEFINE_integer("batches", 12, "Timed batches per worker count (after the warm-up batches).")
 flags.DEFINE_integer("image_size", 256, "Crop size.")
 flags.DEFINE_string("out", None, "Append the figures to this markdown file (e.g. BENCHMARKS.md).")
 
@@ -79,7 +79,9 @@ def _config(data_dir: str, image_size: int, batch: int, workers: int, threads: i
 def pipeline_images_per_s(data_dir: str, image_size: int, batch: int, workers: int, threads: int,
                           batches: int) -> float:
   pipeline = data.build(_config(data_dir, image_size, batch, workers, threads), rows=(0, batch))
-  next(pipeline)  # start-up (worker processes) and the first batch are not timed
+  # Not timed: start-up, and the batches already in flight when the first one arrives (one per thread per process).
+  for _ in range(max(1, workers) * threads + 1):
+    next(pipeline)
   t0 = time.perf_counter()
   for _ in range(batches):
     next(pipeline)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM or pod slice: create it (or reuse it), copy this checkout to every worker, install, and
-# start the same command on all workers. Every worker runs `python -m selfperc_jax.main --distributed`: JAX finds
+# start the same command on all workers. Every worker runs `python -m selfperc_jax.main --distributed=on`: JAX finds
 # the other workers from the TPU VM's metadata.
 #
 #   TPU_NAME=sp-v4 ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 \
@@ -80,7 +80,7 @@ fi
 # 4. The same command on every worker, in the background; its log is ~/train.log on each worker.
 EXTRA=""
 for arg in "$@"; do EXTRA+=" $(printf '%q' "$arg")"; done
-on_all "cd ~/selfperc_jax && nohup ~/venv/bin/python -m selfperc_jax.main --distributed --config=$CONFIG \
+on_all "cd ~/selfperc_jax && nohup ~/venv/bin/python -m selfperc_jax.main --distributed=on --config=$CONFIG \
   --workdir=$WORKDIR --config.data.dir=$DATA_DIR$EXTRA < /dev/null > ~/train.log 2>&1 &"
 echo "started on all workers of $TPU_NAME; follow with:"
 echo "  gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=0 --command='tail -f ~/train.log'"

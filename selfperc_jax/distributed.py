@@ -1,40 +1,53 @@
-"""Starting jax.distributed when this process is one of several: explicit flags, or detected from the cluster."""
+"""Starting jax.distributed when this process is one of several: explicit addresses, or found from the cluster.
+
+`mode` is main's --distributed: 'auto' starts it on SLURM jobs of several tasks, GKE TPU pods and Cloud TPU VMs
+(TPU chips on the PCI bus; JAX then finds the pod slice's workers, or the lone worker of a single-host VM, from the
+VM metadata); 'on' always starts it and lets JAX find the cluster; 'off' never does (one process).
+"""
 
 from __future__ import annotations
 
 import glob
 import os
 
-from absl import logging
-
 from selfperc_jax.errors import UserError
 
+MODES = ("auto", "on", "off")
+GOOGLE_PCI_VENDOR = "0x1ae0"
+# PCI device ids of TPU chips (v3, v4, v5p, v5e, v6e, ...): Google's vendor id alone also covers its virtual NICs
+# and disks, which every GCE VM has.
+TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
 
-def _auto_detected_multi_process() -> bool:
-  """GKE TPU pods (TPU_WORKER_HOSTNAMES) and SLURM jobs of several tasks; JAX finds the rest itself."""
+
+def _cluster_environment() -> bool:
+  """GKE TPU pods (TPU_WORKER_HOSTNAMES) and SLURM jobs of several tasks."""
   env = os.environ
   tpu_workers = env.get("TPU_WORKER_HOSTNAMES", "")
   return ("," in tpu_workers or "MEGASCALE_COORDINATOR_ADDRESS" in env
           or int(env.get("SLURM_NTASKS", "1") or 1) > 1)
 
 
-def _tpu_chips_present() -> bool:
-  """Google TPU chips on this host's PCI bus (vendor 0x1ae0): a Cloud TPU VM, single host or one of a pod slice."""
-  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+def tpu_chips_present(pci_root: str = "/sys/bus/pci/devices") -> bool:
+  """TPU chips on this host's PCI bus: a Cloud TPU VM (single host, or one worker of a pod slice)."""
+  for device_dir in glob.glob(os.path.join(pci_root, "*")):
     try:
-      with open(vendor) as f:
-        if f.read().strip() == "0x1ae0":
-          return True
+      with open(os.path.join(device_dir, "vendor")) as f:
+        vendor = f.read().strip()
+      with open(os.path.join(device_dir, "device")) as f:
+        device = f.read().strip()
     except OSError:
       continue
+    if vendor == GOOGLE_PCI_VENDOR and device in TPU_PCI_DEVICES:
+      return True
   return False
 
 
-def initialize(coordinator_address=None, num_processes=None, process_id=None,
-                           distributed: bool = False) -> None:
-  """Starts jax.distributed when this is one process of several (see the flags); does nothing otherwise."""
+def initialize(coordinator_address=None, num_processes=None, process_id=None, mode: str = "auto") -> None:
+  """Starts jax.distributed when this is one process of several; does nothing otherwise."""
   import jax
 
+  if mode not in MODES:
+    raise UserError(f"--distributed={mode!r} is not known; choose one of {MODES}.")
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
@@ -42,12 +55,5 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
     # CPU processes need a collectives backend of their own to talk to each other.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif distributed or _auto_detected_multi_process():
+  elif mode == "on" or (mode == "auto" and (_cluster_environment() or tpu_chips_present())):
     jax.distributed.initialize()
-  elif _tpu_chips_present():
-    # A Cloud TPU VM: JAX finds the pod slice's workers from the VM metadata (one worker on a single-host VM).
-    try:
-      jax.distributed.initialize()
-    except (ValueError, RuntimeError) as e:
-      logging.warning("TPU host without a cluster JAX can detect (%s): running as a single process. Pass "
-                      "--distributed to make this an error.", e)

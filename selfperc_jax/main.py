@@ -23,9 +23,9 @@ flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs outside Cloud TPU and SLURM (which are detected).")
 flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
-flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() and let JAX find the other processes; an error if it cannot. "
-                  "Without it, Cloud TPU VMs, GKE TPU pods and SLURM jobs of several tasks are detected.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "Start jax.distributed: 'auto' on SLURM jobs of several tasks, GKE TPU pods and Cloud TPU VMs "
+                  "(JAX finds the other workers itself); 'on' always; 'off' never (one process).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -125,6 +125,10 @@ def test_analytic_plan_counts_without_compiling(tiny):
   b = tiny.batch_size
   assert plan["forward_gflops_per_example"] == pytest.approx(forward / b / 1e9)
   assert 0 < plan["encoder_gflops_per_example"] < plan["forward_gflops_per_example"]
-  assert plan["step_tflops_sp"] / plan["step_tflops_mse"] == pytest.approx(plan["analytic_flop_ratio"])
+  # per-example figures do not depend on the batch; per-step ones grow with it
+  tiny.batch_size = 2 * b
+  double = step_time.analytic_plan(tiny)
+  assert double["forward_gflops_per_example"] == pytest.approx(plan["forward_gflops_per_example"])
+  assert double["step_tflops_sp"] == pytest.approx(2 * plan["step_tflops_sp"])
   # float32 params, two Adam moments, the sampling EMA and the perceptual copy: five copies of the params
   assert plan["state_gb"] == pytest.approx(5 * 4 * plan["params"] / 1e9, rel=1e-3)

@@ -59,7 +59,7 @@ def test_tpu_script_creates_installs_and_starts_the_same_command_on_all_workers(
   command = shlex.split(shlex.split(ssh[-1])[-1].split("--command=", 1)[-1])
   start = command.index("selfperc_jax.main")
   words = command[start + 1:]
-  assert command[start - 1] == "-m" and "--workdir=gs://bucket/run" in words and "--distributed" in words
+  assert command[start - 1] == "-m" and "--workdir=gs://bucket/run" in words and "--distributed=on" in words
   assert "--config=configs/imagenet256.py" in words and "--config.batch_size=512" in words
   assert "--config.data.dir=/tmp/tfds" in words  # the gcsfuse mount point
   _check_main_command([w for w in words if w != ">"])
