@@ -13,6 +13,7 @@ images/s needed = per-host batch / step time.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import statistics
 import sys
@@ -21,7 +22,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run as a script from anywhere
 
 from absl import app, flags  # noqa: E402
 
@@ -66,10 +68,10 @@ def decode_ms(data_dir: str, image_size: int, n: int = 64) -> tuple[float, float
 
 
 def _config(data_dir: str, image_size: int, batch: int, workers: int, threads: int = 2):
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-  import imagenet256
-
-  config = imagenet256.get_config("tpu")
+  spec = importlib.util.spec_from_file_location("imagenet256_config", os.path.join(REPO, "configs", "imagenet256.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tpu")
   config.data.dir, config.data.image_size, config.data.num_workers = data_dir, image_size, workers
   config.data.read_threads = threads
   config.batch_size = batch
@@ -109,7 +111,8 @@ def main(argv):
     print(f"{w} worker(s) x {FLAGS.threads} threads, batch {FLAGS.batch}: {rate:.0f} images/s")
   if FLAGS.out:
     with open(FLAGS.out, "a") as f:
-      f.write(f"\n#### Input pipeline, {datetime.date.today()}, {cores} CPU cores: {source}, crop {FLAGS.image_size}\n\n"
+      f.write(f"\n#### Input pipeline, {datetime.date.today()}, {cores} CPU cores: {source}, "
+              f"crop {FLAGS.image_size}\n\n"
               f"Decode + ADM crop: {ms:.2f} ms per image in one process (mean JPEG {kib:.0f} KiB).\n\n"
               "| grain workers | threads per process | batch | images/s |\n| --- | --- | --- | --- |\n")
       for w, rate in rows:

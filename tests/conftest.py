@@ -34,6 +34,17 @@ def load_config(name: str, arg: str = ""):
   return module.get_config(arg)
 
 
+def override(config, **values):
+  """Sets dotted keys, e.g. override(config, **{"model.base_channels": 8}); returns the config."""
+  for key, value in values.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 @pytest.fixture
 def digits_config():
   """A loader for configs/digits.py with an argument, e.g. digits_config('tiny')."""

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from benchmarks import fake_imagenet
-from conftest import REPO, load_config
+from conftest import REPO, load_config, override
 from selfperc_jax import data, train
 from selfperc_jax.data import imagenet
 from selfperc_jax.errors import ConfigError
@@ -96,10 +96,7 @@ def _pipeline_config(data_dir, **overrides):
   config = load_config("imagenet256")
   config.data.dir, config.data.image_size, config.data.num_workers = data_dir, 32, 0
   config.batch_size = 8
-  for key, value in overrides.items():
-    parent, name = key.rsplit(".", 1) if "." in key else ("", key)
-    (config if not parent else config[parent])[name] = value
-  return config
+  return override(config, **overrides)
 
 
 def test_pipeline_flips_half_the_images_deterministically_and_resumes(tiny_imagenet):

@@ -13,7 +13,7 @@ import pytest
 from selfperc_jax import checkpoint, train
 from selfperc_jax.errors import CheckpointError, ConfigError
 
-from conftest import REPO, load_config
+from conftest import REPO, load_config, override
 
 
 def _tiny(get_config, **overrides):
@@ -26,13 +26,7 @@ def _tiny(get_config, **overrides):
   config.eval.num_samples = 20
   config.loss.perceptual_start_step = 4
   config.mesh.data = 1
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return override(config, **overrides)
 
 
 def _metrics(workdir):
