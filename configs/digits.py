@@ -92,10 +92,13 @@ def get_config(arg=None):
   config.optimizer.grad_clip = 1.0
 
   config.sample = ml_collections.ConfigDict()
-  config.sample.sampler = "ddim"  # ddim | ddpm | dpmpp_2m
+  config.sample.sampler = "ddim"  # ddim | ddpm | dpmpp_2m | heun
   config.sample.steps = 50
   config.sample.guidance_scale = 1.0
   config.sample.num_samples = 100  # rounded up to a multiple of the class count: one grid row per class
+  config.sample.guidance_rescale = 0.0  # phi of Lin et al. 2023 (e.g. 0.7 with guidance 7.5); 0: plain guidance
+  config.sample.guidance_interval = (0.0, 1.0)  # guide only for t in [lo, hi]; the conditional output elsewhere
+  config.sample.batch_size = 512  # samples drawn at once over all devices (a multiple of their count); memory does not grow with num_samples
   config.sample.seed = 0
   config.sample.classes = ()  # the classes of the training-time grids (empty: all)
 
@@ -105,6 +108,7 @@ def get_config(arg=None):
   config.eval.reference_split = "train"  # the data the samples are compared with
   config.eval.reference = ""  # or a reference .npz (images arr_0, or mu/sigma/features), e.g. ADM's batches
   config.eval.inception_weights = ""  # with eval.features='inception': the FID Inception weights file
+  config.eval.save_samples = False  # True: also write the samples as eval/samples_step_<STEP>_<setting>.npz
   config.eval.seed = 1
 
   config.mesh = ml_collections.ConfigDict()
@@ -126,6 +130,7 @@ def get_config(arg=None):
     config.loss.perceptual_start_step = 50
     config.sample.steps = 10
     config.sample.num_samples = 20
+    config.sample.batch_size = 32
     config.eval.num_samples = 50
   if "mse" in args:
     config.loss.perceptual_weight = 0.0

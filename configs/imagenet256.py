@@ -117,6 +117,9 @@ def get_config(arg=None):
   config.sample.steps = 50
   config.sample.guidance_scale = 1.0
   config.sample.num_samples = 64  # over sample.classes: one grid row per class
+  config.sample.guidance_rescale = 0.0  # phi of Lin et al. 2023 (e.g. 0.7 with guidance 7.5); 0: plain guidance
+  config.sample.guidance_interval = (0.0, 1.0)  # guide only for t in [lo, hi]; the conditional output elsewhere
+  config.sample.batch_size = 256  # samples drawn at once over all devices (a multiple of their count): a chunk of eval.num_samples
   config.sample.seed = 0
   config.sample.classes = CLASSES_SHOWN
 
@@ -126,6 +129,7 @@ def get_config(arg=None):
   config.eval.reference_split = "train"  # used by the digits only; ImageNet needs eval.reference
   config.eval.reference = ""  # e.g. ADM's VIRTUAL_imagenet256_labeled.npz
   config.eval.inception_weights = ""  # the FID Inception weights (.pth or the converted .npz)
+  config.eval.save_samples = False  # True: also write the samples as eval/samples_step_<STEP>_<setting>.npz
   config.eval.seed = 1
 
   config.mesh = ml_collections.ConfigDict()

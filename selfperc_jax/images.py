@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import uuid
+import zipfile
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -13,6 +16,13 @@ from selfperc_jax import fileio
 def to_uint8(images) -> np.ndarray:
   """[-1, 1] floats -> uint8 NHWC."""
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def to_uint8_device(images):
+  """`to_uint8` inside a jitted function (the same rounding), so that only uint8 leaves the devices."""
+  import jax.numpy as jnp
+
+  return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
 def class_grid(images_u8: np.ndarray, labels: np.ndarray, min_cell: int = 32, pad: int = 2) -> Image.Image:
@@ -35,13 +45,69 @@ def class_grid(images_u8: np.ndarray, labels: np.ndarray, min_cell: int = 32, pa
   return grid
 
 
+def save_grid(path: str, images_u8, labels) -> str:
+  """Writes the class grid of uint8 images as a PNG; returns the path."""
+  buffer = io.BytesIO()
+  class_grid(np.asarray(images_u8, np.uint8), np.asarray(labels, np.int64)).save(buffer, format="PNG")
+  fileio.write_bytes(path, buffer.getvalue())
+  return path
+
+
 def save_samples(out_dir: str, name: str, images, labels) -> tuple[str, str]:
-  """Writes out_dir/name.png and out_dir/name.npz; returns their paths."""
+  """Writes out_dir/name.png and out_dir/name.npz of samples held in memory; returns their paths."""
   fileio.makedirs(out_dir)
   images_u8, labels = to_uint8(images), np.asarray(labels, np.int64)
   png, npz = fileio.join(out_dir, f"{name}.png"), fileio.join(out_dir, f"{name}.npz")
-  buffer = io.BytesIO()
-  class_grid(images_u8, labels).save(buffer, format="PNG")
-  fileio.write_bytes(png, buffer.getvalue())
+  save_grid(png, images_u8, labels)
   fileio.savez(npz, images_u8, labels)
   return png, npz
+
+
+class NpzStreamWriter:
+  """Writes the guided-diffusion .npz (arr_0 uint8 NHWC, arr_1 labels) chunk by chunk, never holding all images.
+
+  The labels are known up front; `write(images)` appends the next chunk of arr_0. The file appears under its name
+  only when `close()` has written everything (a temporary name until then), so a reader never sees half a batch.
+  """
+
+  def __init__(self, path: str, image_shape: tuple[int, ...], labels):
+    from etils import epath
+
+    self.path = epath.Path(path)
+    self.labels = np.asarray(labels, np.int64)
+    self.shape = (len(self.labels),) + tuple(image_shape)
+    self.written = 0
+    self._tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}_{uuid.uuid4().hex[:8]}")
+    self._file = self._tmp.open("wb")
+    self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED)
+    self._member = self._zip.open("arr_0.npy", "w", force_zip64=True)
+    np.lib.format.write_array_header_2_0(
+        self._member, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                       "shape": self.shape})
+
+  def write(self, images_u8) -> None:
+    images_u8 = np.ascontiguousarray(images_u8, np.uint8)
+    if images_u8.shape[1:] != self.shape[1:] or self.written + len(images_u8) > self.shape[0]:
+      raise ValueError(f"chunk of shape {images_u8.shape} does not fit the remaining {self.shape[0] - self.written} "
+                       f"images of shape {self.shape[1:]}.")
+    self._member.write(images_u8.tobytes())
+    self.written += len(images_u8)
+
+  def close(self) -> str:
+    if self.written != self.shape[0]:
+      raise ValueError(f"{self.written} of {self.shape[0]} images were written.")
+    self._member.close()
+    with self._zip.open("arr_1.npy", "w") as f:
+      np.lib.format.write_array(f, self.labels, allow_pickle=False)
+    self._zip.close()
+    self._file.close()
+    self._tmp.replace(self.path)
+    return str(self.path)
+
+  def abort(self) -> None:
+    for closer in (self._member.close, self._zip.close, self._file.close):
+      try:
+        closer()
+      except Exception:  # already broken; the temporary file is removed below
+        pass
+    self._tmp.unlink(missing_ok=True)

@@ -75,3 +75,24 @@ class MetricLogger:
     if self._writer is not None:
       self._writer.flush()
       self._writer.close()
+
+
+class Progress:
+  """A progress line for long jobs (sampling, evaluation): done/total, rate and ETA, at most every `every` seconds
+  and at the end. `update(done)` takes the absolute count, so a resumed job starts where it stood."""
+
+  def __init__(self, label: str | None, total: int, unit: str = "samples", enabled: bool = True, every: float = 10.0,
+               start: int = 0):
+    self.label, self.total, self.unit, self.enabled, self.every = label, total, unit, enabled, every
+    self._t0 = self._last_print = time.perf_counter()
+    self._start = start
+
+  def update(self, done: int) -> None:
+    now = time.perf_counter()
+    if not self.enabled or (done < self.total and now - self._last_print < self.every):
+      return
+    self._last_print = now
+    rate = (done - self._start) / max(now - self._t0, 1e-9)
+    eta = f" | ETA {_format_duration((self.total - done) / rate)}" if rate > 0 and done < self.total else ""
+    print(f"{self.label}: {done}/{self.total} {self.unit} ({100 * done / max(self.total, 1):.0f}%) | "
+          f"{rate:.1f} {self.unit}/s{eta}", flush=True)

@@ -36,16 +36,16 @@ def main(argv):
     # Orbax and TensorFlow log every save at INFO; the run's own progress goes to stdout. -v 0 brings them back.
     logging.set_verbosity(logging.WARNING)
   # Imported here so that `--help` and flag errors come back before JAX starts up.
-  from selfperc_jax import distributed, train
+  from selfperc_jax import distributed, modes, train
 
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed)
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
-      train.sample_from_checkpoint(FLAGS.config, FLAGS.workdir)
+      modes.sample_from_checkpoint(FLAGS.config, FLAGS.workdir)
     else:
-      train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+      modes.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)

@@ -63,6 +63,12 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   return Mesh(device_grid(data, fsdp, devices[: data * fsdp]), AXES)
 
 
+def local_mesh() -> Mesh:
+  """A one-axis mesh of this process's own devices, for work each process does alone (e.g. embedding a reference
+  batch): its arrays never span other hosts. Its axes are AXES, so batch_sharding applies."""
+  return Mesh(np.asarray(jax.local_devices()).reshape(-1, 1), AXES)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -125,3 +131,41 @@ def jit_train_step(train_step, mesh: Mesh, state_sharding):
 def jit_init(init_fn, mesh: Mesh, state_sharding):
   """Initialises the state directly in its sharded layout."""
   return jax.jit(init_fn, out_shardings=state_sharding)
+
+
+def check_divisible(value: int, key: str, mesh: Mesh) -> None:
+  if value % mesh.size:
+    up = -(-value // mesh.size) * mesh.size
+    raise ConfigError(f"{key}={value} must be a multiple of the {mesh.size} devices of the mesh (e.g. {up}).")
+
+
+def global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global jax.Array from a numpy array that every process holds whole (e.g. labels computed from a seed):
+  each process fills only its own devices' shards, so this works on any number of hosts."""
+  host_array = np.asarray(host_array)
+  return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
+
+
+def replicate(tree, mesh: Mesh):
+  """A pytree of host arrays (e.g. a feature network's weights), replicated on every device of the mesh."""
+  return jax.tree.map(lambda x: global_array(x, replicated(mesh)), tree)
+
+
+def to_host(tree):
+  """Numpy copies of global arrays on every process, whichever devices hold their shards (small outputs only:
+  samples of one chunk, features, metrics). `jax.device_get` refuses arrays with shards on other hosts."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def broadcast_from_process_0(value):
+  """Process 0's value of a small numpy-compatible value, on every process (one value for a decision all must
+  share, e.g. how many evaluation chunks are already done)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.broadcast_one_to_all(value)

@@ -1,18 +1,20 @@
-"""The training loop and the sample mode: build or restore the state, feed batches to the step, periodic actions."""
+"""The training loop: build or restore the state, feed batches to the step, run the periodic actions."""
 
 from __future__ import annotations
 
-import signal
-import threading
+import json
 import time
 
 import jax
 import ml_collections
+import numpy as np
 
-from selfperc_jax import (checkpoint, data, diffusion, fileio, images, sampling, sharding, step as step_lib,
+from selfperc_jax import (checkpoint, data, diffusion, fileio, generate, sharding, step as step_lib,
                           validation)
 from selfperc_jax.errors import CheckpointError
+from selfperc_jax.evaluation import evaluate
 from selfperc_jax.logging_utils import MetricLogger
+from selfperc_jax.preemption import PreemptionWatcher
 from selfperc_jax.models import unet
 
 
@@ -25,6 +27,7 @@ class Setup:
     self.workdir = fileio.resolve(workdir)  # a local path or a bucket URL (gs://...)
     self.mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, self.mesh)
+    sharding.check_divisible(int(config.sample.batch_size), "sample.batch_size", self.mesh)
     rows = sharding.process_rows(self.mesh, config.batch_size)
     self.pipeline = data.build(config, rows) if with_data else None
     self.image_shape = data.image_shape(config.data)
@@ -46,6 +49,14 @@ class Setup:
       self._step_fns[active] = sharding.jit_train_step(fn, self.mesh, self.state_sharding)
     return self._step_fns[active]
 
+  def generator(self, embed_fn=None, embed_variables=None) -> generate.Generator:
+    """Draws samples chunk by chunk over the mesh as config.sample says (with embed_fn: their features too)."""
+    return generate.Generator(self.config, self.model, self.schedule, self.image_shape, self.mesh, embed_fn,
+                              embed_variables)
+
+  def evaluator(self) -> evaluate.Evaluator:
+    return evaluate.Evaluator(self.config, self.workdir, self.generator)
+
   def init_state(self, key):
     return sharding.jit_init(self.init_fn, self.mesh, self.state_sharding)(key)
 
@@ -54,7 +65,7 @@ class Setup:
                                    read_only=read_only)
 
 
-def _check_compatible(ckpt: checkpoint.Checkpointer, step: int, config, what: str) -> None:
+def check_compatible(ckpt: checkpoint.Checkpointer, step: int, config, what: str) -> None:
   diffs = checkpoint.shape_differences(ckpt.restore_config(step), config)
   if diffs:
     raise CheckpointError(
@@ -73,7 +84,7 @@ def _open_init_source(setup: Setup) -> tuple[checkpoint.Checkpointer, int]:
   latest = src.latest_step()
   if latest is None:
     raise CheckpointError(f"init_from={source!r} holds no checkpoint; give the workdir of a run that saved one.")
-  _check_compatible(src, latest, setup.config, "init_from=")
+  check_compatible(src, latest, setup.config, "init_from=")
   return src, latest
 
 
@@ -91,7 +102,7 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer, init_key):
   """(state, restored_step or None); on resume the data iterator continues where it stopped."""
   latest = ckpt.latest_step()
   if latest is not None:
-    _check_compatible(ckpt, latest, setup.config, "the workdir's checkpoint")
+    check_compatible(ckpt, latest, setup.config, "the workdir's checkpoint")
     state, data_state = ckpt.restore(latest, setup.abstract_state)
     if setup.pipeline is not None and data_state is not None:
       setup.pipeline.set_state(data_state)
@@ -105,66 +116,57 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer, init_key):
   return state, None
 
 
-def _write_samples(setup: Setup, sample_fn, params, name: str) -> str:
-  imgs, labels = sampling.draw(sample_fn, params, setup.config, setup.mesh)
-  if jax.process_index() != 0:
-    return ""
-  png, _ = images.save_samples(fileio.join(setup.workdir, "samples"), name, imgs, labels)
-  return png
+def is_due(done: int, every: int, total: int) -> bool:
+  """Whether a periodic action (every `every` steps, and at the last step; never when every is 0) runs after
+  step `done`."""
+  return every > 0 and (done % every == 0 or done == total)
 
 
-class Evaluator:
-  """Samples eval.num_samples images with the sample.* settings and scores them against the reference data."""
+class PeriodicOutputs:
+  """The run's sample grids and evaluations (their generator and evaluator built on first use), and which of them a
+  step still lacks: a run killed after a checkpoint but before that step's samples or evaluation were written makes
+  them when it is started again."""
+
+  ACTIONS = ("samples", "eval")
 
   def __init__(self, setup: Setup):
-    from selfperc_jax.evaluation import evaluate
+    self.setup = setup
+    self.logger: MetricLogger | None = None  # set before the first write
+    self._generator = self._evaluator = None
 
-    self.setup, self.evaluate = setup, evaluate
-    self.eval_dir = fileio.join(setup.workdir, "eval")
-    self.network = evaluate.feature_network(setup.config, self.eval_dir, setup.mesh)
-    self.reference = evaluate.reference_features(setup.config, self.network)
-    self.sample_fn = sampling.make_sample_fn(setup.config, setup.model, setup.schedule, setup.image_shape)
+  def due(self, step: int) -> list[str]:
+    c = self.setup.config
+    every = {"samples": c.sample_every, "eval": c.eval_every}
+    return [a for a in self.ACTIONS if is_due(step, every[a], c.total_steps)]
 
-  def __call__(self, params, step: int) -> dict:
-    cfg = self.setup.config
-    imgs, labels = sampling.draw(self.sample_fn, params, cfg, self.setup.mesh, cfg.eval.num_samples, cfg.eval.seed)
-    result = self.evaluate.score(imgs, labels, self.network, self.reference,
-                                 class_scores=cfg.eval.features == "digits")
-    result.update(step=step, sampler=cfg.sample.sampler, sample_steps=cfg.sample.steps,
-                  guidance_scale=cfg.sample.guidance_scale)
-    if jax.process_index() == 0:
-      path = self.evaluate.write_result(self.eval_dir, step, self.evaluate.setting_name(cfg), result)
-      accuracy = f", class accuracy {result['class_accuracy']:.3f}" if "class_accuracy" in result else ""
-      print(f"eval at step {step}: FID {result['fid']:.3f}{accuracy}, IS {result['inception_score']:.2f} -> {path}",
-            flush=True)
-    return result
+  def _exists(self, action: str, step: int) -> bool:
+    workdir = self.setup.workdir
+    if action == "samples":
+      return all(fileio.exists(fileio.join(workdir, "samples", f"step_{step}.{ext}")) for ext in ("png", "npz"))
+    path = fileio.join(workdir, "eval", f"step_{step}.json")
+    return fileio.exists(path) and evaluate.setting_name(self.setup.config) in json.loads(fileio.read_text(path))
 
+  def missing(self, step: int) -> list[str]:
+    """The due outputs of `step` that are not in the workdir (process 0 looks; every process gets its answer)."""
+    due = self.due(step)
+    mask = sum(1 << i for i, a in enumerate(self.ACTIONS) if a in due and not self._exists(a, step))
+    mask = int(sharding.broadcast_from_process_0(np.int32(mask if jax.process_index() == 0 else 0)))
+    return [a for i, a in enumerate(self.ACTIONS) if mask & (1 << i)]
 
-class PreemptionWatcher:
-  """True once the run should checkpoint and stop: SIGTERM (one process), or JAX's preemption sync point (several
-  processes, where every process must stop at the same step; it also covers TPU maintenance events)."""
-
-  def __init__(self):
-    self.multi_process = jax.process_count() > 1
-    self._signalled = False
-    self._previous = None
-    if not self.multi_process and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-
-  def _on_signal(self, signum, frame):
-    del signum, frame
-    self._signalled = True
-
-  def should_stop(self, step: int) -> bool:
-    if self.multi_process:
-      from jax.experimental import multihost_utils
-
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._signalled
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+  def write(self, params, step: int, actions) -> None:
+    c = self.setup.config
+    if "samples" in actions:
+      self._generator = self._generator or self.setup.generator()
+      labels = generate.class_labels(c.sample.num_samples, c.model.num_classes, c.sample.classes)
+      png = generate.write_samples(self._generator, params, fileio.join(self.setup.workdir, "samples"),
+                                   f"step_{step}", labels, c.sample.seed)
+      if png:
+        print(f"samples: {png}", flush=True)
+    if "eval" in actions:
+      self._evaluator = self._evaluator or self.setup.evaluator()
+      result = self._evaluator(params, step)
+      if result is not None:
+        self.logger.write_eval(step, {k: v for k, v in result.items() if isinstance(v, float)})
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_steps: int | None = None) -> dict | None:
@@ -180,14 +182,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
   ckpt = setup.checkpointer()
   state, restored = restore_or_init(setup, ckpt, init_key)
   start = 0 if restored is None else restored
-  if start >= config.total_steps:
+  outputs = PeriodicOutputs(setup)
+  lacking = outputs.missing(start) if restored is not None else []
+  if start >= config.total_steps and not lacking:
     print(f"the checkpoint is at step {start} >= total_steps={config.total_steps}: nothing to train", flush=True)
     ckpt.close()
     return None
+  logger = outputs.logger = MetricLogger(setup.workdir, config.total_steps, config.batch_size,
+                                         enabled=jax.process_index() == 0)
+  if lacking:
+    print(f"step {start}'s {' and '.join(lacking)} are missing from the workdir: writing them first", flush=True)
+    outputs.write(state.ema_params, start, lacking)
+  if start >= config.total_steps:
+    ckpt.close()
+    logger.close()
+    return None
 
-  sample_fn = sampling.make_sample_fn(config, setup.model, setup.schedule, setup.image_shape)
-  logger = MetricLogger(setup.workdir, config.total_steps, config.batch_size, enabled=jax.process_index() == 0)
-  evaluator = Evaluator(setup) if config.eval_every else None
   print(f"training {config.total_steps - start} steps from step {start} in {setup.workdir} on "
         f"{setup.mesh.size} device(s)", flush=True)
   last = None
@@ -199,63 +209,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
     batch = sharding.global_batch(next(setup.pipeline), setup.mesh)
     state, metrics = setup.step_fn(step)(state, batch, step_key)
     done = step + 1
-    if preemption.should_stop(done):
-      stop = done  # checkpoint below, then leave; the next start resumes here
+    preempted = preemption.should_stop(done)
+    if preempted:
+      stop = done  # checkpoint below, then leave; the next start resumes here (and writes this step's outputs)
       print(f"preempted: saving a checkpoint at step {done} and stopping", flush=True)
     if step == start:
       jax.block_until_ready(metrics)
       print(f"first step (with compilation) took {time.perf_counter() - t0:.1f}s", flush=True)
-    if done % config.log_every == 0 or done == config.total_steps:
+    if is_due(done, config.log_every, config.total_steps):
       metrics = jax.device_get(metrics)
       metrics["learning_rate"] = setup.lr_schedule(step)
       last = logger.write(done, metrics)
     if done % config.checkpoint_every == 0 or done == stop:
       ckpt.save(done, state, setup.pipeline.get_state(), config)
-    if config.sample_every and (done % config.sample_every == 0 or done == config.total_steps):
-      png = _write_samples(setup, sample_fn, state.ema_params, f"step_{done}")
-      if png:
-        print(f"samples: {png}", flush=True)
-    if evaluator is not None and (done % config.eval_every == 0 or done == config.total_steps):
-      result = evaluator(state.ema_params, done)
-      logger.write_eval(done, {k: v for k, v in result.items() if isinstance(v, float)})
+    if not preempted:
+      outputs.write(state.ema_params, done, outputs.due(done))
     if done == stop:
       break
   preemption.close()
   ckpt.close()
   logger.close()
   return last
-
-
-def _latest_sampling_params(setup: Setup):
-  """(step, sampling-EMA params) of the workdir's latest checkpoint."""
-  ckpt_dir = fileio.join(setup.workdir, "checkpoints")
-  if not fileio.isdir(ckpt_dir):
-    raise CheckpointError(f"{setup.workdir} has no checkpoints/ folder: train first (--mode=train) or fix --workdir.")
-  ckpt = setup.checkpointer(read_only=True)
-  latest = ckpt.latest_step()
-  if latest is None:
-    raise CheckpointError(f"{ckpt_dir} holds no checkpoint: train first (--mode=train) or fix --workdir.")
-  _check_compatible(ckpt, latest, setup.config, "the workdir's checkpoint")
-  restored, _ = ckpt.restore(latest, {"ema_params": setup.abstract_state.ema_params}, partial=True)
-  ckpt.close()
-  return latest, restored["ema_params"]
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Scores the workdir's latest checkpoint; the metrics go to workdir/eval/step_<STEP>.json under the setting."""
-  setup = Setup(config, workdir, with_data=False)
-  latest, params = _latest_sampling_params(setup)
-  return Evaluator(setup)(params, latest)
-
-
-def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Samples from the sampling EMA of the workdir's latest checkpoint with config.sample.*; returns the PNG path."""
-  setup = Setup(config, workdir, with_data=False)
-  latest, params = _latest_sampling_params(setup)
-  s = config.sample
-  sample_fn = sampling.make_sample_fn(config, setup.model, setup.schedule, setup.image_shape)
-  # A name per setting, so that sampling never overwrites the training-time grids or another setting's samples.
-  png = _write_samples(setup, sample_fn, params,
-                       f"step_{latest}_{s.sampler}{s.steps}_cfg{s.guidance_scale:g}_seed{s.seed}")
-  print(f"samples: {png}", flush=True)
-  return png

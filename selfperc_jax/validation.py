@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from selfperc_jax import diffusion, losses, samplers
 from selfperc_jax.errors import ConfigError
+from selfperc_jax.evaluation import evaluate
 from selfperc_jax.models import unet
 
 
@@ -22,7 +23,7 @@ def validate(config) -> None:
   _require(config.sample_every >= 0, f"sample_every={config.sample_every} must be >= 0 (0 turns periodic samples off).")
   _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 turns periodic evaluation off).")
   _require(config.eval.num_samples >= 2, f"eval.num_samples={config.eval.num_samples} must be >= 2.")
-  _one_of(config.eval.features, ("digits", "inception"), "eval.features")
+  _one_of(config.eval.features, evaluate.FEATURES, "eval.features")
 
   m = config.model
   _require(m.base_channels >= 1 and len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
@@ -87,6 +88,12 @@ def validate(config) -> None:
            f"sample.steps={s.steps} is more than diffusion.timesteps={d.timesteps}; use at most that many.")
   _require(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be >= 0 (1 = no guidance).")
   _require(s.num_samples >= 1, f"sample.num_samples={s.num_samples} must be >= 1.")
+  _require(int(s.batch_size) >= 1, f"sample.batch_size={s.batch_size} must be >= 1 (samples drawn at once).")
+  _require(s.guidance_rescale >= 0 and s.guidance_rescale <= 1,
+           f"sample.guidance_rescale={s.guidance_rescale} must be in [0, 1] (0: plain guidance; 0.7 in Lin et al.).")
+  _require(len(s.guidance_interval) == 2 and 0.0 <= s.guidance_interval[0] < s.guidance_interval[1] <= 1.0,
+           f"sample.guidance_interval={tuple(s.guidance_interval)} must be (lo, hi) with 0 <= lo < hi <= 1.")
+  _require(isinstance(config.eval.save_samples, bool), "eval.save_samples must be True or False.")
   _require(all(0 <= int(c) < m.num_classes for c in s.classes),
            f"sample.classes={tuple(s.classes)} must be class ids in [0, {m.num_classes}) (empty: all classes).")
   _require(config.mesh.data == -1 or config.mesh.data >= 1, f"mesh.data={config.mesh.data} must be -1 or >= 1.")

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from selfperc_jax import checkpoint, train
+from selfperc_jax import checkpoint, modes, train
 from selfperc_jax.errors import CheckpointError, ConfigError
 
 from conftest import REPO, load_config, override
@@ -98,6 +98,30 @@ def test_finished_run_restarted_trains_nothing_and_keeps_its_files(trained):
   assert _snapshot(workdir) == before
 
 
+def test_a_finished_run_missing_its_last_outputs_writes_them_on_restart(trained, tmp_path, capsys):
+  """Killed after the last checkpoint but before its samples and evaluation: the next start writes them."""
+  workdir, get_config = trained
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  with open(copy / "eval" / "step_12.json") as f:
+    before = json.load(f)
+  os.remove(copy / "eval" / "step_12.json")
+  config = _tiny(get_config, sample_every=12)  # the run itself had no samples: they are missing too
+  assert train.train_and_evaluate(config, str(copy)) is None
+  assert "step 12's samples and eval are missing from the workdir: writing them first" in capsys.readouterr().out
+  assert (copy / "samples" / "step_12.png").exists() and (copy / "samples" / "step_12.npz").exists()
+  with open(copy / "eval" / "step_12.json") as f:
+    after = json.load(f)
+  assert after.keys() == before.keys()
+  for setting, result in before.items():  # the same evaluation as at the end of training
+    assert after[setting]["fid"] == pytest.approx(result["fid"], rel=1e-6)
+  assert sorted(os.listdir(copy / "checkpoints")) == ["12", "6"]
+  snapshot = _snapshot(copy)
+  train.train_and_evaluate(config, str(copy))  # now complete: nothing is done or touched
+  assert "nothing to train" in capsys.readouterr().out
+  assert _snapshot(copy) == snapshot
+
+
 def test_incompatible_checkpoint_is_refused_and_nothing_is_lost(trained):
   workdir, get_config = trained
   before = _snapshot(workdir)
@@ -155,7 +179,7 @@ def test_init_from_missing_or_incompatible_is_refused(trained, tmp_path):
 
 def test_sample_mode_without_checkpoint_is_refused(digits_config, tmp_path):
   with pytest.raises(CheckpointError, match="train first"):
-    train.sample_from_checkpoint(_tiny(digits_config), str(tmp_path))
+    modes.sample_from_checkpoint(_tiny(digits_config), str(tmp_path))
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -172,6 +196,9 @@ def test_sample_mode_without_checkpoint_is_refused(digits_config, tmp_path):
     ("loss.mse_weight", -1.0, "must be >= 0"),
     ("perceptual.ema_decay", 1.5, "perceptual.ema_decay=1.5 must be in"),
     ("sample.sampler", "euler", "sample.sampler='euler' is not known"),
+    ("sample.batch_size", 12, "sample.batch_size=12 must be a multiple of the 8 devices of the mesh (e.g. 16)"),
+    ("sample.guidance_rescale", 1.5, "sample.guidance_rescale=1.5 must be in"),
+    ("sample.guidance_interval", (0.6, 0.2), "sample.guidance_interval=(0.6, 0.2) must be (lo, hi)"),
     ("model.num_heads", 3, "model.num_heads=3 must divide"),
     ("model.dtype", "float16", "model.dtype='float16' is not known"),
     ("data.image_size", 7, "data.image_size=7 must be divisible by 2"),
@@ -245,7 +272,7 @@ def test_eval_mode_adds_one_entry_per_setting(trained):
   with open(os.path.join(workdir, "eval", "step_12.json")) as f:
     during_training = json.load(f)
   config = _tiny(get_config, **{"sample.guidance_scale": 2.0})
-  result = train.evaluate_checkpoint(config, workdir)
+  result = modes.evaluate_checkpoint(config, workdir)
   with open(os.path.join(workdir, "eval", "step_12.json")) as f:
     saved = json.load(f)
   assert set(saved) == set(during_training) | {"ddim10_cfg2_n20_seed1"}  # the training-time entry is kept
@@ -254,6 +281,53 @@ def test_eval_mode_adds_one_entry_per_setting(trained):
   for key in ("fid", "inception_score", "precision", "recall", "class_accuracy", "class_confidence"):
     assert np.isfinite(result[key]) and result[key] >= 0, key
   assert 0 <= result["class_accuracy"] <= 1 and result["num_samples"] == 20 and result["guidance_scale"] == 2.0
+
+
+def test_killed_evaluation_resumes_from_its_chunks_and_gives_the_same_result(trained, tmp_path, monkeypatch):
+  from selfperc_jax import generate
+
+  workdir, get_config = trained
+  config = _tiny(get_config, **{"eval.num_samples": 40, "sample.batch_size": 8, "eval.save_samples": True,
+                                "sample.guidance_scale": 1.5, "sample.guidance_rescale": 0.5})
+  whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+  shutil.copytree(workdir, whole)
+  shutil.copytree(workdir, killed)
+  expected = modes.evaluate_checkpoint(config, whole)
+
+  real_chunks = generate.Generator.chunks
+  starts = []
+
+  def dies_after_two_chunks(self, *args, **kwargs):
+    for i, chunk in enumerate(real_chunks(self, *args, **kwargs)):
+      if i == 2:
+        raise KeyboardInterrupt  # as a kill would: the third chunk is drawn but never saved
+      yield chunk
+
+  monkeypatch.setattr(generate.Generator, "chunks", dies_after_two_chunks)
+  with pytest.raises(KeyboardInterrupt):
+    modes.evaluate_checkpoint(config, killed)
+  setting = "ddim10_cfg1.5_rescale0.5_n40_seed1"
+  partial = os.path.join(killed, "eval", "partial", f"step_12_{setting}_digits")
+  assert sorted(os.listdir(partial)) == ["chunk_000000000_000000008.npz", "chunk_000000008_000000016.npz"]
+
+  def records_start(self, params, labels, seed, start=0, **kwargs):
+    starts.append(start)
+    return real_chunks(self, params, labels, seed, start=start, **kwargs)
+
+  monkeypatch.setattr(generate.Generator, "chunks", records_start)
+  resumed = modes.evaluate_checkpoint(config, killed)
+  assert starts == [16]  # the two saved chunks were not drawn again
+  assert resumed.keys() == expected.keys()
+  for key, value in expected.items():
+    if isinstance(value, float):
+      assert resumed[key] == pytest.approx(value, rel=1e-6), key
+  assert not os.path.exists(partial)  # removed once the result is written
+  with np.load(resumed["samples"]) as a, np.load(expected["samples"]) as b:
+    assert a["arr_0"].shape == (40, 8, 8, 1)
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+  with open(os.path.join(killed, "eval", "step_12.json")) as f:
+    assert json.load(f)[setting]["fid"] == pytest.approx(expected["fid"], rel=1e-6)
 
 
 def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_restart_resumes_there(tmp_path):
@@ -294,7 +368,7 @@ def test_eval_mode_with_inception_features_and_a_reference_file(trained, tmp_pat
   np.savez(reference, to_uint8(digits.load("test")[0][:16]))
   config = _tiny(get_config, **{"eval.features": "inception", "eval.inception_weights": str(weights),
                                 "eval.reference": str(reference), "eval.num_samples": 10})
-  result = train.evaluate_checkpoint(config, workdir)
+  result = modes.evaluate_checkpoint(config, workdir)
   assert np.isfinite(result["fid"]) and result["fid"] > 0 and "class_accuracy" not in result
   with pytest.raises(ConfigError, match="eval.features='clip' is not known"):
-    train.evaluate_checkpoint(_tiny(get_config, **{"eval.features": "clip"}), workdir)
+    modes.evaluate_checkpoint(_tiny(get_config, **{"eval.features": "clip"}), workdir)

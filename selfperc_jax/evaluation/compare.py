@@ -16,10 +16,7 @@ import numpy as np
 
 from selfperc_jax import fileio
 from selfperc_jax.errors import UserError
-from selfperc_jax.evaluation import metrics
-
-FEATURES = ("digits", "inception")
-
+from selfperc_jax.evaluation import evaluate, metrics
 
 def _load_images(path: str, what: str):
   if not fileio.exists(path):
@@ -32,18 +29,9 @@ def _load_images(path: str, what: str):
 
 def compare(ref_path: str, samples_path: str, features: str = "digits", cache_dir: str | None = None,
             weights: str | None = None) -> dict:
-  from selfperc_jax.evaluation import evaluate
-
-  if features not in FEATURES:
-    raise metrics.EvaluationError(f"--features={features!r} is not available; choose one of {FEATURES}.")
-  if features == "inception":
-    from selfperc_jax.evaluation.inception import InceptionFeatures
-
-    network = InceptionFeatures(weights or "")
-  else:
-    from selfperc_jax.evaluation import digits_classifier
-
-    network = digits_classifier.cached_classifier(cache_dir)
+  if features not in evaluate.FEATURES:
+    raise metrics.EvaluationError(f"--features={features!r} is not available; choose one of {evaluate.FEATURES}.")
+  network = evaluate.make_feature_network(features, cache_dir=cache_dir, inception_weights=weights or "")
   reference = evaluate.reference_from_file(ref_path, network)
   images, labels = _load_images(samples_path, "samples")
   if labels is None or features == "inception":
@@ -62,7 +50,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("reference", help="reference statistics (.npz with mu, sigma, features) or real images (arr_0)")
   parser.add_argument("samples", help="sample batch (.npz with arr_0 uint8 NHWC, optional arr_1 labels)")
-  parser.add_argument("--features", default="digits", choices=FEATURES)
+  parser.add_argument("--features", default="digits", choices=evaluate.FEATURES)
   parser.add_argument("--cache_dir", default=None, help="where to keep the trained digits classifier")
   parser.add_argument("--weights", default=None, help="FID Inception weights (.pth or converted .npz), for inception")
   args = parser.parse_args(argv)

@@ -101,6 +101,15 @@ class DigitsClassifier:
       return np.zeros((0, dim), np.float32)
     return np.concatenate(outputs)
 
+  @property
+  def embed_variables(self):
+    return self.params
+
+  def embed_fn(self, params, images):
+    """(features, logits) of uint8 (or [-1, 1] float) NHWC images, inside a jitted function (no checks)."""
+    x = images.astype(jnp.float32) / 127.5 - 1.0 if images.dtype == jnp.uint8 else images.astype(jnp.float32)
+    return self.module.apply({"params": params}, x)
+
   def features(self, images) -> np.ndarray:
     """(N, FEATURE_DIM) penultimate-layer (post-ReLU) features: the space FID and precision/recall are measured in."""
     return self._run(images, 0)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
+from etils import epath
 
-from selfperc_jax import fileio
+from selfperc_jax import fileio, generate, images, sharding
+from selfperc_jax.logging_utils import Progress
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.evaluation import metrics
 
@@ -20,23 +23,27 @@ FEATURES = ("digits", "inception")
 
 def setting_name(config) -> str:
   """A key per sampling setting, so results of different settings never overwrite each other."""
-  s, e = config.sample, config.eval
-  return f"{s.sampler}{s.steps}_cfg{s.guidance_scale:g}_n{e.num_samples}_seed{e.seed}"
+  return f"{generate.setting_name(config.sample)}_n{config.eval.num_samples}_seed{config.eval.seed}"
 
 
-def feature_network(config, cache_dir: str, mesh=None):
-  if config.eval.features == "inception":
+def make_feature_network(features: str, data_name: str = "digits", cache_dir: str | None = None,
+                         inception_weights: str = ""):
+  """The feature network named `features` (FEATURES): the digits classifier (cached in cache_dir) or the FID
+  InceptionV3 from the user's weights file."""
+  if features == "inception":
     from selfperc_jax.evaluation.inception import InceptionFeatures
 
-    return InceptionFeatures(config.eval.get("inception_weights", ""), mesh)
-  if config.eval.features != "digits" or config.data.name != "digits":
-    raise ConfigError(f"eval.features={config.eval.features!r} with data.name={config.data.name!r} is not available; "
-                      f"this version evaluates the digits with features {FEATURES}.")
-  if config.data.image_size != 8:
-    raise ConfigError("the digits classifier reads 8x8 images; evaluation needs data.image_size=8.")
+    return InceptionFeatures(inception_weights)
+  if features != "digits" or data_name != "digits":
+    raise ConfigError(f"eval.features={features!r} with data.name={data_name!r} is not available; "
+                      f"this version evaluates the digits with features {FEATURES}, other data with 'inception'.")
   from selfperc_jax.evaluation import digits_classifier
 
   return digits_classifier.cached_classifier(cache_dir)
+
+
+def feature_network(config, cache_dir: str):
+  return make_feature_network(config.eval.features, config.data.name, cache_dir, config.eval.inception_weights)
 
 
 def reference_features(config, network) -> np.ndarray:
@@ -74,17 +81,23 @@ def embed(network, images) -> tuple[np.ndarray, np.ndarray]:
 
 
 def score(images, labels, network, reference: np.ndarray, class_scores: bool = True) -> dict:
-  """Metrics of samples (uint8 or [-1, 1] floats, NHWC) with their requested labels against reference features.
+  """Metrics of samples (uint8 or [-1, 1] floats, NHWC) with their requested labels against reference features."""
+  feats, logits = embed(network, images)
+  return score_features(feats, logits, labels, reference, class_scores)
+
+
+def score_features(feats, logits, labels, reference: np.ndarray, class_scores: bool = True) -> dict:
+  """Metrics of samples' features and logits, with their requested labels, against reference features.
 
   The class accuracy and confidence read the network's logits as class scores: meaningful for the digits
   classifier, not for Inception (whose 1008 classes are not the data set's)."""
-  feats, logits = embed(network, images)
+  feats, logits = np.asarray(feats, np.float64), np.asarray(logits, np.float64)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   precision, recall = metrics.precision_recall(reference, feats, k=3)
   # Samples come sorted by class; IS splits must each see the class mix, as a random sample order would.
   order = np.random.default_rng(0).permutation(len(logits))
-  is_mean, is_std = metrics.inception_score(logits=logits[order], splits=min(10, len(images)))
+  is_mean, is_std = metrics.inception_score(logits=logits[order], splits=min(10, len(logits)))
   labels = np.asarray(labels)
   result = {
       "fid": metrics.fid_from_features(reference, feats),
@@ -94,7 +107,7 @@ def score(images, labels, network, reference: np.ndarray, class_scores: bool = T
       "recall": recall,
       "class_accuracy": float(np.mean(np.argmax(logits, -1) == labels)),
       "class_confidence": float(np.mean(probs[np.arange(len(labels)), labels])),
-      "num_samples": int(len(images)),
+      "num_samples": int(len(logits)),
   }
   if not class_scores:
     del result["class_accuracy"], result["class_confidence"]
@@ -109,3 +122,106 @@ def write_result(eval_dir: str, step: int, setting: str, result: dict) -> str:
   existing[setting] = result
   fileio.write_text(path, json.dumps(existing, indent=2, sort_keys=True))
   return path
+
+
+class Evaluator:
+  """Scores params: draws eval.num_samples class-balanced samples with the sample.* settings, chunk by chunk over
+  every device, embeds each chunk on the devices and compares the features with the reference data's.
+
+  Resumable: process 0 keeps each finished chunk's features (and, with eval.save_samples, its uint8 images) in
+  eval/partial/step_<STEP>_<setting>_<features>/, so an evaluation killed part-way (preemption, time limit) goes
+  on from the chunks it has; the samples of a chunk depend only on (seed, index), so the result is the one an
+  uninterrupted evaluation gives. Once the result is written the partial files are removed.
+  """
+
+  def __init__(self, config, workdir: str, generator_factory):
+    self.config = config
+    self.eval_dir = fileio.join(workdir, "eval")
+    self.network = feature_network(config, self.eval_dir)
+    self.reference = reference_features(config, self.network)
+    self.generator = generator_factory(self.network.embed_fn, self.network.embed_variables)
+
+  def __call__(self, params, step: int) -> dict | None:
+    """The metrics (on process 0; None on the others), also added to eval/step_<STEP>.json."""
+    cfg = self.config
+    setting = setting_name(cfg)
+    labels = generate.class_labels(cfg.eval.num_samples, cfg.model.num_classes)
+    lead = jax.process_index() == 0
+    partial = fileio.join(self.eval_dir, "partial", f"step_{step}_{setting}_{cfg.eval.features}")
+    done_chunks = _load_partial(partial, setting, cfg.eval.save_samples) if lead else []
+    start = int(sharding.broadcast_from_process_0(np.int32(done_chunks[-1]["stop"] if done_chunks else 0)))
+    progress = Progress(f"eval at step {step} ({setting})", len(labels), enabled=lead, start=start)
+    if start:
+      progress.update(start)
+    if lead:
+      fileio.makedirs(partial)
+    for chunk in self.generator.chunks(params, labels, cfg.eval.seed, start=start, with_images=cfg.eval.save_samples):
+      if lead:
+        arrays = {"features": chunk.features, "logits": chunk.logits, "setting": np.array(setting)}
+        if chunk.images is not None:
+          arrays["images"] = chunk.images
+        path = fileio.join(partial, f"chunk_{chunk.start:09d}_{chunk.stop:09d}.npz")
+        fileio.savez(path, **arrays)
+        done_chunks.append({"start": chunk.start, "stop": chunk.stop, "features": chunk.features,
+                            "logits": chunk.logits, "path": path})
+      progress.update(chunk.stop)
+    if not lead:
+      return None
+    feats = np.concatenate([c["features"] for c in done_chunks])
+    logits = np.concatenate([c["logits"] for c in done_chunks])
+    result = score_features(feats, logits, labels, self.reference, class_scores=cfg.eval.features == "digits")
+    s = cfg.sample
+    result.update(step=step, sampler=s.sampler, sample_steps=s.steps, guidance_scale=s.guidance_scale,
+                  guidance_rescale=s.guidance_rescale, features=cfg.eval.features)
+    if cfg.eval.save_samples:
+      writer = images.NpzStreamWriter(fileio.join(self.eval_dir, f"samples_step_{step}_{setting}.npz"),
+                                      self.generator.image_shape, labels)
+      for c in done_chunks:
+        with fileio.load_npz(c["path"]) as f:
+          writer.write(f["images"])
+      result["samples"] = writer.close()
+    path = write_result(self.eval_dir, step, setting, result)
+    _remove_partial(partial)
+    accuracy = f", class accuracy {result['class_accuracy']:.3f}" if "class_accuracy" in result else ""
+    print(f"eval at step {step}: FID {result['fid']:.3f}{accuracy}, IS {result['inception_score']:.2f} "
+          f"({len(labels)} samples, {setting}) -> {path}", flush=True)
+    return result
+
+
+def _chunk_files(partial: str) -> list[str]:
+  return sorted(str(p) for p in epath.Path(partial).glob("chunk_*.npz")) if fileio.isdir(partial) else []
+
+
+def _load_partial(partial: str, setting: str, with_images: bool) -> list[dict]:
+  """The finished chunks of an interrupted evaluation: those that tile [0, stop) from the start, in order. Files
+  after the first gap or unreadable chunk are removed (they are recomputed)."""
+  chunks, files = [], _chunk_files(partial)
+  for i, path in enumerate(files):
+    start, stop = (int(v) for v in path.rsplit("/", 1)[-1][len("chunk_"):-len(".npz")].split("_"))
+    try:
+      if start != (chunks[-1]["stop"] if chunks else 0):
+        raise ValueError(f"it starts at {start}")
+      with fileio.load_npz(path) as f:
+        if str(f["setting"]) != setting or (with_images and "images" not in f):
+          raise ValueError("another setting")
+        chunks.append({"start": start, "stop": stop, "features": f["features"], "logits": f["logits"],
+                       "path": path})
+    except Exception as e:  # e.g. a file cut short by a kill: recompute from here
+      print(f"warning: evaluation chunk {path} is not usable ({type(e).__name__}: {e}); computing from sample "
+            f"{chunks[-1]['stop'] if chunks else 0} again", flush=True)
+      for stale in files[i:]:
+        epath.Path(stale).unlink(missing_ok=True)
+      break
+  if chunks:
+    print(f"resuming the evaluation from {len(chunks)} finished chunk(s) in {partial} "
+          f"({chunks[-1]['stop']} samples)", flush=True)
+  return chunks
+
+
+def _remove_partial(partial: str) -> None:
+  """Removes one evaluation's chunk folder, and eval/partial/ too once no other evaluation has chunks there."""
+  path = epath.Path(partial)
+  if path.exists():
+    path.rmtree()
+  if path.parent.exists() and not any(path.parent.iterdir()):
+    path.parent.rmdir()

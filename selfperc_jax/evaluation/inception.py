@@ -1,38 +1,45 @@
-"""The standard FID InceptionV3 as a feature network: 2048-d pool features and 1008 logits, sharded over the mesh.
+"""The standard FID InceptionV3 as a feature network: 2048-d pool features and 1008 logits.
 
-The weights are the user's file (see third_party/fid_inception/README.md): nothing is downloaded here.
+The weights are the user's file (see third_party/fid_inception/README.md): nothing is downloaded here. Like every
+feature network it offers `embed_fn(variables, images)` (jit-compatible, used on the run's mesh while sampling) and
+`embed(images)` for numpy images on this process's own devices (reference batches, the compare CLI).
 """
 
 from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from selfperc_jax import sharding
 from selfperc_jax.evaluation.metrics import EvaluationError
 
 
 class InceptionFeatures:
   """`embed(images) -> (pool features, logits)` for uint8 or [-1, 1] NHWC images of any size and 1 or 3 channels."""
 
-  def __init__(self, weights_path: str, mesh: Mesh | None = None, batch_size: int = 256):
+  def __init__(self, weights_path: str, batch_size: int = 256):
     if not weights_path:
       raise EvaluationError("the Inception features need a weights file: pass --weights PATH (or set "
                             "eval.inception_weights); third_party/fid_inception/README.md says where to get it.")
     from third_party.fid_inception import convert, model
 
-    self.variables = convert.load_variables(weights_path)
-    self.mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
+    self._model = model
+    self._net = model.InceptionV3()
+    self.embed_variables = convert.load_variables(weights_path)
+    self.mesh = sharding.local_mesh()
     self.batch_size = -(-batch_size // self.mesh.size) * self.mesh.size  # a multiple of the device count
-    net = model.InceptionV3()
-    batch = NamedSharding(self.mesh, P(self.mesh.axis_names))
-    replicated = NamedSharding(self.mesh, P())
-    self._forward = jax.jit(lambda v, x: net.apply(v, model.preprocess(x)), in_shardings=(replicated, batch),
-                            out_shardings=(replicated))
-    self._cache = None
+    self._forward = jax.jit(self.embed_fn, in_shardings=(sharding.replicated(self.mesh),
+                                                         sharding.batch_sharding(self.mesh)))
+    self._variables_here = None
+
+  def embed_fn(self, variables, images):
+    out = self._net.apply(variables, self._model.preprocess(images))
+    return out["pool"], out["logits"]
 
   def embed(self, images) -> tuple[np.ndarray, np.ndarray]:
     images = np.asarray(images)
+    if self._variables_here is None:
+      self._variables_here = sharding.replicate(self.embed_variables, self.mesh)
     devices = self.mesh.size
     size = min(self.batch_size, -(-len(images) // devices) * devices)  # small sets are not padded to a full batch
     pools, logits = [], []
@@ -41,9 +48,9 @@ class InceptionFeatures:
       n = len(chunk)
       if n < size:  # one compiled shape for every chunk
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - n, axis=0)])
-      out = jax.device_get(self._forward(self.variables, chunk))
-      pools.append(np.asarray(out["pool"][:n], np.float64))
-      logits.append(np.asarray(out["logits"][:n], np.float64))
+      pool, logit = jax.device_get(self._forward(self._variables_here, chunk))
+      pools.append(np.asarray(pool[:n], np.float64))
+      logits.append(np.asarray(logit[:n], np.float64))
     return np.concatenate(pools), np.concatenate(logits)
 
   def features(self, images) -> np.ndarray:

@@ -1,0 +1,48 @@
+"""--mode=sample and --mode=eval: sampling from, and scoring, the sampling EMA of a workdir's latest checkpoint."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from selfperc_jax import fileio, generate
+from selfperc_jax.errors import CheckpointError
+from selfperc_jax.train import Setup, check_compatible
+
+
+def _latest_sampling_params(setup: Setup):
+  """(step, sampling-EMA params) of the workdir's latest checkpoint, placed on the current mesh."""
+  ckpt_dir = fileio.join(setup.workdir, "checkpoints")
+  if not fileio.isdir(ckpt_dir):
+    raise CheckpointError(f"{setup.workdir} has no checkpoints/ folder: train first (--mode=train) or fix --workdir.")
+  ckpt = setup.checkpointer(read_only=True)
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise CheckpointError(f"{ckpt_dir} holds no checkpoint: train first (--mode=train) or fix --workdir.")
+  check_compatible(ckpt, latest, setup.config, "the workdir's checkpoint")
+  restored, _ = ckpt.restore(latest, {"ema_params": setup.abstract_state.ema_params}, partial=True)
+  ckpt.close()
+  return latest, restored["ema_params"]
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """Scores the workdir's latest checkpoint; the metrics go to workdir/eval/step_<STEP>.json under the setting
+  (returned on process 0)."""
+  setup = Setup(config, workdir, with_data=False)
+  latest, params = _latest_sampling_params(setup)
+  return setup.evaluator()(params, latest)
+
+
+def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Samples from the sampling EMA of the workdir's latest checkpoint with config.sample.*; returns the PNG path
+  (on process 0). Any number of samples: they are drawn chunk by chunk and streamed into the .npz."""
+  setup = Setup(config, workdir, with_data=False)
+  latest, params = _latest_sampling_params(setup)
+  s = config.sample
+  name = f"step_{latest}_{generate.setting_name(s)}"
+  # A name per setting, so that sampling never overwrites the training-time grids or another setting's samples.
+  labels = generate.class_labels(s.num_samples, config.model.num_classes, s.classes)
+  png = generate.write_samples(setup.generator(), params, fileio.join(setup.workdir, "samples"), f"{name}_seed{s.seed}",
+                               labels, s.seed, progress_label=f"sampling from step {latest}")
+  if png:
+    print(f"samples: {png} and {png[:-4]}.npz ({len(labels)} samples)", flush=True)
+  return png
