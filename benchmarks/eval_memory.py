@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -91,7 +90,7 @@ def main(argv):
   lines = [
       f"\n### Evaluation memory vs number of samples — {datetime.date.today()}, {device.device_kind} "
       f"({jax.device_count()} device(s), {os.cpu_count()} cores)\n",
-      f"`python benchmarks/eval_memory.py {_config_arg()} {' '.join(_overrides())} "
+      f"`python benchmarks/eval_memory.py {' '.join([_config_arg(), *_overrides()])} "
       f"--num_samples={','.join(map(str, counts))}`; `--mode=eval` of the real entry point, one process per row; "
       f"chunks of sample.batch_size={config.sample.batch_size}, {config.sample.sampler} {config.sample.steps} "
       f"steps, guidance {config.sample.guidance_scale:g}, features {config.eval.features}.\n",

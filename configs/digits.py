@@ -27,6 +27,9 @@ def get_config(arg=None):
   config.checkpoint_every = 500
   config.sample_every = 1200
   config.eval_every = 0  # > 0: evaluate (FID etc., see eval.*) every this many steps and at the end
+  # A NaN/inf loss or gradient: 'stop' with an error (no checkpoint of non-finite params is ever written), or
+  # 'skip' that update and go on (the state is kept as it was before it).
+  config.on_nonfinite = "stop"
   config.keep_checkpoints = 3
   # A workdir (or its checkpoints/ folder) whose latest params start this run, e.g. an MSE-pretrained model.
   config.init_from = ""

@@ -50,6 +50,9 @@ def get_config(arg=None):
   config.checkpoint_every = 5_000
   config.sample_every = 20_000
   config.eval_every = 0  # > 0: FID etc. every this many steps (needs eval.reference and eval.inception_weights)
+  # A NaN/inf loss or gradient: 'stop' with an error (no checkpoint of non-finite params is ever written), or
+  # 'skip' that update and go on (the state is kept as it was before it).
+  config.on_nonfinite = "stop"
   config.keep_checkpoints = 3
   config.init_from = ""  # e.g. the workdir of an MSE run ('mse'), to start from its params
 

@@ -22,6 +22,20 @@ def resolve(path: str) -> str:
   return str(path) if is_remote(path) else os.path.abspath(os.path.expanduser(str(path)))
 
 
+def check_workdir(path: str) -> None:
+  """Refuses a local workdir that is a file, or lies below one, before anything is written."""
+  if is_remote(path):
+    return
+  from selfperc_jax.errors import UserError
+
+  node = os.path.abspath(path)
+  while not os.path.exists(node):
+    node = os.path.dirname(node)
+  if not os.path.isdir(node):
+    where = "is a file" if node == os.path.abspath(path) else f"lies below {node}, which is a file"
+    raise UserError(f"--workdir={path} {where}; give a directory (it is created if missing).")
+
+
 def join(*parts) -> str:
   return str(epath.Path(parts[0]).joinpath(*parts[1:]))
 
@@ -36,6 +50,10 @@ def isdir(path) -> bool:
 
 def makedirs(path) -> None:
   epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def remove(path) -> None:
+  epath.Path(path).unlink(missing_ok=True)
 
 
 def read_bytes(path) -> bytes:

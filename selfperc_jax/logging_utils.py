@@ -39,6 +39,17 @@ class MetricLogger:
         logging.warning("TensorBoard logging is off (%s); metrics go to %s only.", e, self.path)
     self._last_time, self._last_step = None, None
 
+  def drop_rows_after(self, step: int) -> int:
+    """Removes metrics.jsonl rows past `step` (logged by a run that was killed before it could checkpoint them;
+    the resumed run logs those steps again), so the file keeps one row per step. Returns how many were dropped."""
+    if not self.enabled or not fileio.exists(self.path):
+      return 0
+    lines = fileio.read_text(self.path).splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+      fileio.write_text(self.path, "".join(kept))
+    return len(lines) - len(kept)
+
   def start(self, step: int) -> None:
     self._last_time, self._last_step = time.perf_counter(), step
 

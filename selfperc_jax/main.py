@@ -29,6 +29,40 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _flag_error(e: Exception) -> str:
+  """One line for a flag or config-file mistake (absl and ml_collections wrap them in nested tracebacks)."""
+  text = str(e)
+  if "must have a value other than None" in text:
+    name = text.split("flag --", 1)[1].split("=", 1)[0]
+    return f"--{name} is required (e.g. --config=configs/digits.py --workdir=workdirs/digits)."
+  if "No such file or directory" in text:
+    path = text.split("No such file or directory: ", 1)[1].split("\n")[0].strip("'\"")
+    return (f"config file {path} does not exist; give --config=configs/<name>.py[:arg] "
+            f"(e.g. configs/digits.py or configs/imagenet256.py).")
+  if "Did you mean" in text or isinstance(e, (AttributeError, KeyError)):
+    lines = [l.strip(" '\"") for l in text.replace("\\n", "\n").replace("\\'", "'").split("\n") if l.strip(" '\"")]
+    key = next((a.split("=", 1)[0][len("--config."):] for a in sys.argv if a.startswith("--config.")
+                and lines and lines[0].strip("'") in a.split("=", 1)[0]), lines[0] if lines else "?")
+    hint = next((l for l in lines if l.startswith("Did you mean")), "")
+    return f"unknown config key {key}. {hint}".strip() + " (python -m selfperc_jax.main --helpfull lists the keys)"
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  causes = [l for l in lines if l.startswith(("ValueError:", "KeyError:", "TypeError:"))]
+  return (causes[-1].split(": ", 1)[1] if causes else lines[-1] if lines else type(e).__name__)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with every mistake in --config (file, argument, key, value) as one error line, exit 2."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.keys()  # a config file that failed to load raises only when the config is read
+    return rest
+  except SystemExit:
+    raise
+  except Exception as e:  # absl's flags.Error and the config loader's own errors alike
+    print(f"error: {_flag_error(e)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -52,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
-from selfperc_jax import fileio, generate
+from selfperc_jax import fileio, generate, sharding
 from selfperc_jax.errors import CheckpointError
 from selfperc_jax.train import Setup, check_compatible
 
@@ -21,7 +23,17 @@ def _latest_sampling_params(setup: Setup):
   check_compatible(ckpt, latest, setup.config, "the workdir's checkpoint")
   restored, _ = ckpt.restore(latest, {"ema_params": setup.abstract_state.ema_params}, partial=True)
   ckpt.close()
+  if not bool(sharding.to_host(_all_finite(restored["ema_params"]))):
+    raise CheckpointError(
+        f"the sampling EMA of checkpoint {latest} in {ckpt_dir} holds NaN/inf: that run diverged before the step was "
+        "saved. Sample from an earlier checkpoint (move this step's folder out of checkpoints/ to another place), "
+        "and retrain from there with a lower optimizer.learning_rate.")
   return latest, restored["ema_params"]
+
+
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict | None:

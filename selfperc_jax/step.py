@@ -146,7 +146,14 @@ def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, 
         ema_params=_ema(ema_decay, state.ema_params, params),
         perceptual_params=perceptual_params,
     )
-    metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads), perceptual_weight=w_sp)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if config.on_nonfinite == "skip":
+      # Keep the state from before this update (only the step counter moves on).
+      kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+      new_state = kept.replace(step=state.step + 1)
+    metrics = dict(terms, loss=loss, grad_norm=grad_norm, perceptual_weight=w_sp,
+                   nonfinite=1.0 - finite.astype(jnp.float32))
     return new_state, metrics
 
   return train_step

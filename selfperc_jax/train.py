@@ -6,15 +6,17 @@ import json
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from selfperc_jax import (checkpoint, data, diffusion, fileio, generate, sharding, step as step_lib,
                           validation)
-from selfperc_jax.errors import CheckpointError
+from selfperc_jax.errors import CheckpointError, UserError
 from selfperc_jax.evaluation import evaluate
 from selfperc_jax.logging_utils import MetricLogger
 from selfperc_jax.preemption import PreemptionWatcher
+from selfperc_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 from selfperc_jax.models import unet
 
 
@@ -25,6 +27,7 @@ class Setup:
     validation.validate(config)
     self.config = config
     self.workdir = fileio.resolve(workdir)  # a local path or a bucket URL (gs://...)
+    fileio.check_workdir(self.workdir)
     self.mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, self.mesh)
     sharding.check_divisible(int(config.sample.batch_size), "sample.batch_size", self.mesh)
@@ -122,6 +125,54 @@ def is_due(done: int, every: int, total: int) -> bool:
   return every > 0 and (done % every == 0 or done == total)
 
 
+class NonFiniteError(UserError):
+  """The loss or the gradient became NaN/inf (on_nonfinite='stop')."""
+
+
+@jax.jit
+def _track_nonfinite(first_bad, skipped, nonfinite, step):
+  """On the devices, without a host sync: the first step with a non-finite loss/gradient (-1: none), and how many
+  updates were non-finite. (Placed like the step's metrics, so it runs on every host of a pod alike.)"""
+  bad = nonfinite > 0
+  if first_bad is None:
+    first_bad, skipped = jnp.full_like(nonfinite, -1, jnp.int32), jnp.zeros_like(nonfinite, jnp.int32)
+  return jnp.where((first_bad < 0) & bad, step, first_bad), skipped + bad.astype(jnp.int32)
+
+
+class NonFiniteGuard:
+  """Watches the steps' `nonfinite` metric on the devices and looks at it on the host only when something is about
+  to be logged, saved or sampled: 'stop' then raises before any non-finite state is written; 'skip' (the step
+  already kept the old state) reports how many updates were skipped."""
+
+  def __init__(self, mode: str):
+    self.mode = mode
+    self._first_bad = self._skipped = None
+    self._reported = 0
+
+  def update(self, metrics, step: int) -> None:
+    self._first_bad, self._skipped = _track_nonfinite(self._first_bad, self._skipped, metrics["nonfinite"], step)
+
+  def check(self, ckpt: checkpoint.Checkpointer) -> None:
+    if self._first_bad is None:
+      return
+    if self.mode == "skip":
+      skipped = int(self._skipped)
+      if skipped > self._reported:
+        print(f"warning: {skipped - self._reported} update(s) with a non-finite loss or gradient were skipped "
+              f"({skipped} in all)", flush=True)
+        self._reported = skipped
+      return
+    first_bad = int(self._first_bad)
+    if first_bad >= 0:
+      ckpt.wait()
+      last = ckpt.latest_step()
+      kept = f"the workdir's latest checkpoint is step {last} (finite)" if last is not None else "no checkpoint was saved"
+      raise NonFiniteError(
+          f"the loss or gradient became non-finite (NaN/inf) at step {first_bad}; training stopped and nothing "
+          f"after it was saved ({kept}). Lower optimizer.learning_rate or lengthen optimizer.warmup_steps and rerun "
+          "(it resumes from that checkpoint), or set --config.on_nonfinite=skip to skip such updates.")
+
+
 class PeriodicOutputs:
   """The run's sample grids and evaluations (their generator and evaluator built on first use), and which of them a
   step still lacks: a run killed after a checkpoint but before that step's samples or evaluation were written makes
@@ -177,6 +228,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
   """
   setup = Setup(config, workdir)
   fileio.makedirs(setup.workdir)
+  lock = _lock_workdir(setup.workdir)
+  try:
+    return _train(setup, num_steps)
+  finally:
+    lock.release()
+
+
+def _lock_workdir(workdir: str) -> WorkdirLock:
+  """Process 0 takes the workdir's lock; every process stops, with its message, if it cannot."""
+  lock, error = WorkdirLock(workdir), ""
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except WorkdirLockedError as e:
+      error = str(e)
+  if not int(sharding.broadcast_from_process_0(np.int32(1 if error else 0))) == 0:
+    raise WorkdirLockedError(error or f"{workdir} is in use by another run (process 0 has the details).")
+  return lock
+
+
+def _train(setup: Setup, num_steps: int | None) -> dict | None:
+  config = setup.config
   base_key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(base_key)
   ckpt = setup.checkpointer()
@@ -190,6 +263,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
     return None
   logger = outputs.logger = MetricLogger(setup.workdir, config.total_steps, config.batch_size,
                                          enabled=jax.process_index() == 0)
+  dropped = logger.drop_rows_after(start)
+  if dropped:
+    print(f"metrics.jsonl: dropped {dropped} row(s) past step {start}, logged before the run was stopped; those "
+          "steps are trained and logged again", flush=True)
   if lacking:
     print(f"step {start}'s {' and '.join(lacking)} are missing from the workdir: writing them first", flush=True)
     outputs.write(state.ema_params, start, lacking)
@@ -205,28 +282,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
   logger.start(start)
   stop = config.total_steps if num_steps is None else min(config.total_steps, start + num_steps)
   preemption = PreemptionWatcher()
-  for step in range(start, stop):
-    batch = sharding.global_batch(next(setup.pipeline), setup.mesh)
-    state, metrics = setup.step_fn(step)(state, batch, step_key)
-    done = step + 1
-    preempted = preemption.should_stop(done)
-    if preempted:
-      stop = done  # checkpoint below, then leave; the next start resumes here (and writes this step's outputs)
-      print(f"preempted: saving a checkpoint at step {done} and stopping", flush=True)
-    if step == start:
-      jax.block_until_ready(metrics)
-      print(f"first step (with compilation) took {time.perf_counter() - t0:.1f}s", flush=True)
-    if is_due(done, config.log_every, config.total_steps):
-      metrics = jax.device_get(metrics)
-      metrics["learning_rate"] = setup.lr_schedule(step)
-      last = logger.write(done, metrics)
-    if done % config.checkpoint_every == 0 or done == stop:
-      ckpt.save(done, state, setup.pipeline.get_state(), config)
-    if not preempted:
-      outputs.write(state.ema_params, done, outputs.due(done))
-    if done == stop:
-      break
-  preemption.close()
-  ckpt.close()
-  logger.close()
+  guard = NonFiniteGuard(config.on_nonfinite)
+  try:
+    for step in range(start, stop):
+      batch = sharding.global_batch(next(setup.pipeline), setup.mesh)
+      state, metrics = setup.step_fn(step)(state, batch, step_key)
+      done = step + 1
+      guard.update(metrics, done)
+      preempted = preemption.should_stop(done)
+      if preempted:
+        stop = done  # checkpoint below, then leave; the next start resumes here (and writes this step's outputs)
+        print(f"preempted: saving a checkpoint at step {done} and stopping", flush=True)
+      if step == start:
+        jax.block_until_ready(metrics)
+        print(f"first step (with compilation) took {time.perf_counter() - t0:.1f}s", flush=True)
+      log = is_due(done, config.log_every, config.total_steps)
+      save = done % config.checkpoint_every == 0 or done == stop
+      due = [] if preempted else outputs.due(done)
+      if log or save or due:
+        guard.check(ckpt)  # before anything of this step is logged, saved or sampled
+      if log:
+        metrics = jax.device_get(metrics)
+        metrics["learning_rate"] = setup.lr_schedule(step)
+        last = logger.write(done, metrics)
+      if save:
+        ckpt.save(done, state, setup.pipeline.get_state(), config)
+      outputs.write(state.ema_params, done, due)
+      if done == stop:
+        break
+  finally:
+    preemption.close()
+    ckpt.close()
+    logger.close()
   return last

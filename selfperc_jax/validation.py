@@ -20,6 +20,7 @@ def _one_of(value, choices, key: str) -> None:
 def validate(config) -> None:
   for key in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
     _require(int(config[key]) >= 1, f"{key}={config[key]} must be a positive integer.")
+  _one_of(config.on_nonfinite, ("stop", "skip"), "on_nonfinite")
   _require(config.sample_every >= 0, f"sample_every={config.sample_every} must be >= 0 (0 turns periodic samples off).")
   _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 turns periodic evaluation off).")
   _require(config.eval.num_samples >= 2, f"eval.num_samples={config.eval.num_samples} must be >= 2.")
@@ -80,6 +81,8 @@ def validate(config) -> None:
   _require(o.warmup_steps >= 0 and o.grad_clip >= 0 and o.weight_decay >= 0,
            "optimizer.warmup_steps, optimizer.grad_clip and optimizer.weight_decay must be >= 0.")
   _one_of(o.decay, ("cosine", "constant"), "optimizer.decay")
+  for key in ("b1", "b2"):
+    _require(0.0 <= o[key] < 1.0, f"optimizer.{key}={o[key]} must be in [0, 1) (Adam's moment decay, e.g. 0.9 / 0.999).")
 
   s = config.sample
   _one_of(s.sampler, samplers.SAMPLERS, "sample.sampler")

@@ -60,6 +60,37 @@ def test_bad_files_are_one_line_errors(files, tmp_path, capsys):
   assert "has no 'arr_0'" in capsys.readouterr().err
 
 
+def _bad_batches(d):
+  """(file, expected message) for every malformed sample batch a user has handed the CLI."""
+  images = np.zeros((4, 8, 8, 1), np.uint8)
+  (d / "empty.npz").write_bytes(b"")
+  (d / "text.npz").write_text("not a zip file")
+  full = (d / "ok.npz")
+  np.savez(full, images, np.arange(4))
+  (d / "truncated.npz").write_bytes(full.read_bytes()[:300])
+  np.savez(d / "objects.npz", np.array([images[0], "x"], dtype=object))
+  np.savez(d / "floats.npz", images.astype(np.float32))
+  np.savez(d / "flat.npz", images.reshape(4, 64))
+  np.savez(d / "short_labels.npz", images, np.arange(3))
+  np.savez(d / "float_labels.npz", images, np.zeros(4, np.float32))
+  np.savez(d / "negative_labels.npz", images, -np.ones(4, np.int64))
+  np.savez(d / "big_labels.npz", images, np.full(4, 12))
+  readable = "is not readable as an .npz with arr_0"
+  return [("empty", readable), ("text", readable), ("truncated", readable), ("objects", readable),
+          ("floats", "arr_0 must be uint8 images"), ("flat", "arr_0 must be uint8 images"),
+          ("short_labels", "arr_1 must hold one integer label per image (4)"),
+          ("float_labels", "arr_1 must hold one integer label per image"),
+          ("negative_labels", "negative labels"), ("big_labels", "the digits have classes 0-9")]
+
+
+def test_malformed_sample_batches_are_one_line_errors(files, tmp_path, capsys):
+  for name, message in _bad_batches(tmp_path):
+    assert compare.main([str(files / "ref.npz"), str(tmp_path / f"{name}.npz")]) == 2, name
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, (name, err)
+  assert compare.main([str(files / "ref.npz"), str(tmp_path / "ok.npz")]) == 0  # the same shape, well formed
+
+
 def _random_inception_weights(path):
   """A weights file in the PyTorch layout (flat names), made from randomly initialised Flax variables."""
   import jax

@@ -122,6 +122,69 @@ def test_a_finished_run_missing_its_last_outputs_writes_them_on_restart(trained,
   assert _snapshot(copy) == snapshot
 
 
+def _diverging(get_config, **overrides):
+  """A learning rate far too high, no clipping: the loss becomes non-finite within a few steps."""
+  return _tiny(get_config, **{"optimizer.learning_rate": 1e9, "optimizer.warmup_steps": 0, "optimizer.grad_clip": 0.0,
+                              "total_steps": 40, "checkpoint_every": 1, "log_every": 10, "eval_every": 0,
+                              "loss.perceptual_start_step": 100, **overrides})
+
+
+def _all_params_finite(directory, step, config):
+  setup = train.Setup(config, "/nonexistent", with_data=False)
+  state, _ = checkpoint.Checkpointer(directory, read_only=True).restore(step, setup.abstract_state)
+  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(state))
+
+
+def test_divergence_stops_with_an_error_and_writes_no_non_finite_checkpoint(digits_config, tmp_path):
+  config = _diverging(digits_config)
+  with pytest.raises(train.NonFiniteError, match=r"became non-finite \(NaN/inf\) at step (\d+)") as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  bad = int(info.value.args[0].split(" at step ")[1].split(";")[0])
+  ckpt_dir = str(tmp_path / "checkpoints")
+  saved = sorted(int(d) for d in os.listdir(ckpt_dir))
+  assert bad < 40 and all(step < bad for step in saved)  # training stopped; nothing from the bad step on was saved
+  assert saved and all(_all_params_finite(ckpt_dir, step, config) for step in saved)
+  assert f"latest checkpoint is step {saved[-1]}" in info.value.args[0]
+
+
+def test_skip_mode_skips_non_finite_updates_and_keeps_the_state_finite(digits_config, tmp_path, capsys):
+  config = _diverging(digits_config, on_nonfinite="skip", checkpoint_every=40)
+  train.train_and_evaluate(config, str(tmp_path))
+  assert "were skipped" in capsys.readouterr().out
+  assert _all_params_finite(str(tmp_path / "checkpoints"), 40, config)
+
+
+def test_sampling_refuses_a_checkpoint_with_non_finite_params(trained, tmp_path):
+  workdir, get_config = trained
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  config = _tiny(get_config)
+  setup = train.Setup(config, str(copy))
+  ckpt = setup.checkpointer()
+  state, data_state = ckpt.restore(12, setup.abstract_state)
+  ckpt.save(13, state.replace(ema_params=jax.tree.map(lambda x: x * np.nan, state.ema_params)), data_state, config)
+  ckpt.close()
+  with pytest.raises(CheckpointError, match="checkpoint 13 .* holds NaN/inf"):
+    modes.sample_from_checkpoint(config, str(copy))
+
+
+def test_metrics_keep_one_row_per_step_after_a_resume(trained, tmp_path):
+  """A run killed after logging steps 7..12 but before checkpointing them logs them again, once."""
+  workdir, get_config = trained
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / "checkpoints" / "12")
+  train.train_and_evaluate(_tiny(get_config), str(copy))
+  rows = _metrics(copy)
+  train_steps = [r["step"] for r in rows if "loss" in r]
+  assert train_steps == list(range(1, 13))
+  assert [r["step"] for r in rows if "eval/fid" in r] == [12]
+  for a, b in zip(_metrics(workdir), rows):  # and the rows are those of the uninterrupted run
+    assert a.keys() == b.keys()
+    for k in a:
+      assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["step"], k)
+
+
 def test_incompatible_checkpoint_is_refused_and_nothing_is_lost(trained):
   workdir, get_config = trained
   before = _snapshot(workdir)
@@ -205,6 +268,8 @@ def test_sample_mode_without_checkpoint_is_refused(digits_config, tmp_path):
     ("data.name", "cifar", "data.name='cifar' is not known"),
     ("data.split", "val", "data.split='val' is not known"),
     ("optimizer.decay", "step", "optimizer.decay='step' is not known"),
+    ("optimizer.b1", 1.0, "optimizer.b1=1.0 must be in"),
+    ("optimizer.b2", -0.1, "optimizer.b2=-0.1 must be in"),
 ])
 def test_bad_config_values_are_refused_before_anything_is_written(digits_config, tmp_path, key, value, message):
   config = _tiny(digits_config, **{"mesh.data": -1, key: value})
@@ -225,11 +290,34 @@ def _main(*args, timeout=600):
                         text=True, timeout=timeout)
 
 
-def test_unknown_config_key_on_the_command_line(tmp_path):
-  result = _main("--config=configs/digits.py:tiny", f"--workdir={tmp_path}", "--config.model.base_chanels=8")
-  assert result.returncode != 0
-  assert "base_chanels" in result.stderr
-  assert not os.listdir(tmp_path)
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/digits.py:tiny", "--config.model.base_chanels=8"],
+     'unknown config key model.base_chanels. Did you mean "base_channels"'),
+    (["--config=configs/digits.py:tiny", "--config.loss.perceptual_wieght=1"],
+     'unknown config key loss.perceptual_wieght. Did you mean "perceptual_weight"'),
+    (["--config=configs/nothere.py"], "config file configs/nothere.py does not exist"),
+    (["--config=configs/digits.py:foo"], "configs/digits.py: unknown argument(s) ['foo']"),
+    (["--config=configs/digits.py:tiny", "--config.sample.steps=many"], "flag --config.sample.steps=many: invalid"),
+    (["--config=configs/digits.py:tiny", "--bogus=1"], "Unknown command line flag 'bogus'"),
+])
+def test_command_line_mistakes_are_one_line_without_traceback(tmp_path, args, message):
+  workdir = tmp_path / "w"
+  result = _main(*args, f"--workdir={workdir}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: ")
+  assert message in result.stderr
+  assert not workdir.exists()
+
+
+def test_missing_workdir_flag_and_a_workdir_that_is_a_file(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "selfperc_jax.main", "--config=configs/digits.py:tiny"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and result.stderr.startswith("error: --workdir is required")
+  (tmp_path / "file").write_text("mine")
+  for workdir, message in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "run", "lies below")):
+    result = _main("--config=configs/digits.py:tiny", f"--workdir={workdir}")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+  assert (tmp_path / "file").read_text() == "mine"
 
 
 def test_bad_value_on_the_command_line_is_one_line_without_traceback(tmp_path):
@@ -345,10 +433,15 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_restart_resumes_ther
   deadline = time.time() + 300
   while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
     time.sleep(0.5)
+  # A second trainer on the same workdir stops at once, naming the run that holds it, and changes nothing.
+  second = _main(*args)
+  assert second.returncode == 2 and f"is in use by process {proc.pid} on " in second.stderr, second.stderr[-2000:]
+  assert "Traceback" not in second.stderr
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, out[-3000:]
   assert "preempted: saving a checkpoint at step" in out
+  assert not (workdir / "LOCK").exists()  # released on the way out
   saved = checkpoint.Checkpointer(str(workdir / "checkpoints"), read_only=True).latest_step()
   logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
   assert saved is not None and saved >= 3 and saved == logged[-1]

@@ -14,18 +14,8 @@ import sys
 
 import numpy as np
 
-from selfperc_jax import fileio
 from selfperc_jax.errors import UserError
 from selfperc_jax.evaluation import evaluate, metrics
-
-def _load_images(path: str, what: str):
-  if not fileio.exists(path):
-    raise metrics.EvaluationError(f"{what} file {path} does not exist.")
-  with fileio.load_npz(path) as f:
-    if "arr_0" not in f:
-      raise metrics.EvaluationError(f"{what} file {path} has no 'arr_0' (uint8 NHWC images); it holds {sorted(f)}.")
-    return f["arr_0"], (f["arr_1"] if "arr_1" in f else None)
-
 
 def compare(ref_path: str, samples_path: str, features: str = "digits", cache_dir: str | None = None,
             weights: str | None = None) -> dict:
@@ -33,7 +23,10 @@ def compare(ref_path: str, samples_path: str, features: str = "digits", cache_di
     raise metrics.EvaluationError(f"--features={features!r} is not available; choose one of {evaluate.FEATURES}.")
   network = evaluate.make_feature_network(features, cache_dir=cache_dir, inception_weights=weights or "")
   reference = evaluate.reference_from_file(ref_path, network)
-  images, labels = _load_images(samples_path, "samples")
+  images, labels = evaluate.load_batch(samples_path, "samples")
+  if labels is not None and features == "digits" and labels.max() >= 10:
+    raise metrics.EvaluationError(f"samples file {samples_path}: arr_1 holds label {labels.max()}, but the digits "
+                                  "have classes 0-9.")
   if labels is None or features == "inception":
     # Without requested labels (or with Inception's 1008 classes) a class accuracy means nothing.
     return evaluate.score(images, np.zeros(len(images), np.int64), network, reference, class_scores=False)

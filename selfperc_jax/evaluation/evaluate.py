@@ -58,19 +58,53 @@ def reference_features(config, network) -> np.ndarray:
   return network.features(images)
 
 
+def load_batch(path: str, what: str):
+  """(uint8 NHWC images, int64 labels or None) of a guided-diffusion .npz, checked; one clear error otherwise."""
+  if not fileio.exists(path):
+    raise metrics.EvaluationError(f"{what} file {path} does not exist.")
+  expected = "an .npz with arr_0 (uint8 images, NHWC) and optionally arr_1 (integer labels)"
+  try:
+    with fileio.load_npz(path) as f:
+      keys = set(f.files)
+      if "arr_0" not in keys:
+        raise metrics.EvaluationError(f"{what} file {path} has no 'arr_0' (uint8 NHWC images); it holds "
+                                      f"{sorted(keys)}.")
+      images = f["arr_0"]
+      labels = f["arr_1"] if "arr_1" in keys else None
+  except metrics.EvaluationError:
+    raise
+  except Exception as e:  # empty, truncated, not a zip, object arrays (pickles are refused): numpy raises many types
+    raise metrics.EvaluationError(f"{what} file {path} is not readable as {expected} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}).") from e
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
+    raise metrics.EvaluationError(f"{what} file {path}: arr_0 must be uint8 images (N, H, W, 1 or 3), N > 0; it is "
+                                  f"{images.dtype} of shape {images.shape}.")
+  if labels is not None:
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+      raise metrics.EvaluationError(f"{what} file {path}: arr_1 must hold one integer label per image "
+                                    f"({len(images)}); it is {labels.dtype} of shape {labels.shape}.")
+    if labels.size and labels.min() < 0:
+      raise metrics.EvaluationError(f"{what} file {path}: arr_1 holds negative labels (min {labels.min()}).")
+    labels = labels.astype(np.int64)
+  return images, labels
+
+
 def reference_from_file(path: str, network) -> np.ndarray:
   """Features of a reference .npz: stored ones (mu, sigma, features) or computed from its images (arr_0)."""
   if not fileio.exists(path):
     raise metrics.EvaluationError(f"reference file {path} does not exist.")
-  with fileio.load_npz(path) as f:
-    keys = set(f)
-    if {"mu", "sigma", "features"} <= keys:
-      return metrics.load_reference(path).features
-    if "arr_0" not in keys:
-      raise metrics.EvaluationError(f"reference file {path} holds neither 'arr_0' (images) nor mu/sigma/features; "
-                                    f"it holds {sorted(keys)}.")
-    images = f["arr_0"]
-  return network.features(images)
+  try:
+    with fileio.load_npz(path) as f:
+      keys = set(f.files)
+  except Exception as e:  # empty, truncated, not a zip
+    raise metrics.EvaluationError(f"reference file {path} is not a readable .npz ({type(e).__name__}); give a "
+                                  "reference batch (arr_0 images) or reference statistics (mu, sigma, features).") from e
+  if {"mu", "sigma", "features"} <= keys:
+    return metrics.load_reference(path).features
+  if "arr_0" not in keys:
+    raise metrics.EvaluationError(f"reference file {path} holds neither 'arr_0' (images) nor mu/sigma/features; "
+                                  f"it holds {sorted(keys)}.")
+  return network.features(load_batch(path, "reference")[0])
 
 
 def embed(network, images) -> tuple[np.ndarray, np.ndarray]:

@@ -182,13 +182,17 @@ def _fraction_in_manifold(points: np.ndarray, support: np.ndarray, radii2: np.nd
   return inside / points.shape[0]
 
 
-def precision_recall(real_features, fake_features, k: int = 3, batch_size: int = 1000) -> tuple[float, float]:
+DISTANCE_BLOCK = 2_000_000  # distances held at once by precision_recall's default batching (16 MB of float64)
+
+
+def precision_recall(real_features, fake_features, k: int = 3, batch_size: int | None = None) -> tuple[float, float]:
   """Improved precision and recall (Kynkaanniemi et al., 2019) of fake features against real ones.
 
   Precision: the fraction of fake samples inside the real manifold, the union of balls around each real feature
   with radius its k-th nearest-neighbour distance among the real features (itself excluded). Recall: the fraction
-  of real samples inside the fake manifold, built the same way. Distances are computed `batch_size` rows at a time,
-  so 10k x 10k needs ~80 MB rather than the full matrix.
+  of real samples inside the fake manifold, built the same way. Distances are computed `batch_size` rows at a time;
+  by default as many rows as keep a block at DISTANCE_BLOCK distances, so memory stays the same for 1,000 or
+  50,000 samples (a fixed row count would grow with the other set's size).
   """
   real, fake = _as_features(real_features, "real_features"), _as_features(fake_features, "fake_features")
   if real.shape[1] != fake.shape[1]:
@@ -197,12 +201,13 @@ def precision_recall(real_features, fake_features, k: int = 3, batch_size: int =
     raise EvaluationError(
         f"precision_recall needs 1 <= k < the size of each set; got k={k}, {real.shape[0]} real, "
         f"{fake.shape[0]} fake.")
-  if batch_size < 1:
+  if batch_size is not None and batch_size < 1:
     raise EvaluationError(f"batch_size must be positive; got {batch_size}.")
-  real_radii2 = _knn_radii_squared(real, k, batch_size)
-  fake_radii2 = _knn_radii_squared(fake, k, batch_size)
-  precision = _fraction_in_manifold(fake, real, real_radii2, batch_size)
-  recall = _fraction_in_manifold(real, fake, fake_radii2, batch_size)
+  rows = lambda columns: batch_size or max(1, DISTANCE_BLOCK // columns)
+  real_radii2 = _knn_radii_squared(real, k, rows(len(real)))
+  fake_radii2 = _knn_radii_squared(fake, k, rows(len(fake)))
+  precision = _fraction_in_manifold(fake, real, real_radii2, rows(len(real)))
+  recall = _fraction_in_manifold(real, fake, fake_radii2, rows(len(fake)))
   return precision, recall
 
 

@@ -1,0 +1,69 @@
+"""One run per workdir: a live holder refuses a second trainer; a dead holder's lock is taken over."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from selfperc_jax import workdir_lock
+from selfperc_jax.workdir_lock import WorkdirLock, WorkdirLockedError
+
+
+def _dead_pid():
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()
+  return proc.pid
+
+
+def _write_lock(directory, **fields):
+  me = WorkdirLock(str(directory)).me
+  record = {**me, "started": time.time(), "refreshed": time.time(), "nonce": "x", **fields}
+  (directory / "LOCK").write_text(json.dumps(record))
+
+
+def test_a_live_holder_refuses_a_second_run_until_it_releases(tmp_path):
+  first = WorkdirLock(str(tmp_path))
+  first.acquire()
+  assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
+  with pytest.raises(WorkdirLockedError, match=f"is in use by process {os.getpid()} on "):
+    WorkdirLock(str(tmp_path)).acquire()
+  first.release()
+  assert not (tmp_path / "LOCK").exists()
+  second = WorkdirLock(str(tmp_path))
+  second.acquire()
+  second.release()
+
+
+def test_the_lock_is_refreshed_while_held(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lock, "REFRESH_EVERY", 0.05)
+  lock = WorkdirLock(str(tmp_path))
+  lock.acquire()
+  first = json.loads((tmp_path / "LOCK").read_text())["refreshed"]
+  time.sleep(0.5)
+  assert json.loads((tmp_path / "LOCK").read_text())["refreshed"] > first
+  lock.release()
+  assert not (tmp_path / "LOCK").exists()
+
+
+@pytest.mark.parametrize("fields", [
+    lambda: {"pid": _dead_pid()},  # this machine, the process is gone
+    lambda: {"pid": os.getpid(), "boot": "an-earlier-boot"},  # this machine has rebooted since
+    lambda: {"host": "another-host", "refreshed": time.time() - 2 * workdir_lock.STALE_AFTER},  # not refreshed
+], ids=["dead-process", "rebooted", "other-host-silent"])
+def test_a_gone_holder_is_taken_over_with_a_warning(tmp_path, capsys, fields):
+  _write_lock(tmp_path, **fields())
+  lock = WorkdirLock(str(tmp_path))
+  lock.acquire()
+  assert "taking over the lock of a run that is gone" in capsys.readouterr().out
+  assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
+  lock.release()
+
+
+def test_a_recently_refreshed_lock_of_another_host_is_respected(tmp_path):
+  _write_lock(tmp_path, host="tpu-worker-0", pid=12345)
+  with pytest.raises(WorkdirLockedError, match="in use by process 12345 on tpu-worker-0.*delete .*LOCK"):
+    WorkdirLock(str(tmp_path)).acquire()
+  assert json.loads((tmp_path / "LOCK").read_text())["host"] == "tpu-worker-0"  # untouched
