@@ -114,3 +114,18 @@ def shape_differences(saved: dict, config: ml_collections.ConfigDict) -> list[st
         diffs.append(f"{k}: {a!r} in the checkpoint, {b!r} now")
   return diffs
 
+
+
+def changed_values(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{dotted key: (value in the checkpoint, value now)} for every config value that differs (lists and tuples
+  compare equal; keys a checkpoint predates count with their defaults)."""
+  old = _flatten("", saved)
+  new = _flatten("", json.loads(config.to_json()))
+  norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+  out = {}
+  for k in sorted(set(old) | set(new)):
+    key = k[1:]
+    a, b = old.get(k, ADDED_KEY_DEFAULTS.get(key)), new.get(k, ADDED_KEY_DEFAULTS.get(key))
+    if norm(a) != norm(b):
+      out[key] = (a, b)
+  return out

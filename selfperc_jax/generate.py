@@ -104,13 +104,22 @@ class Generator:
     n, size = len(labels), self.chunk_size
     if n <= size:  # a small draw (e.g. a grid) in one chunk of its own size, rounded up to the device count
       size = -(-n // self.mesh.size) * self.mesh.size
-    for lo in range(start, n, size):
+
+    def dispatch(lo):
       hi = min(lo + size, n)
       indices = np.arange(lo, lo + size, dtype=np.int32)  # positions past n are drawn and dropped
       chunk_labels = np.concatenate([labels[lo:hi], np.full(lo + size - hi, labels[hi - 1], np.int32)])
       out = self._draw(params, self._embed_variables, seed, *self._place(chunk_labels, indices))
       if not with_images:
         out.pop("images")
+      return lo, hi, out
+
+    starts = list(range(start, n, size))
+    pending = dispatch(starts[0]) if starts else None
+    for i in range(len(starts)):
+      lo, hi, out = pending
+      # The next chunk is queued on the devices before this one is fetched, so they never wait for the host.
+      pending = dispatch(starts[i + 1]) if i + 1 < len(starts) else None
       out = {k: np.asarray(v)[: hi - lo] for k, v in sharding.to_host(out).items()}
       yield Chunk(lo, hi, labels[lo:hi], out.get("images"), out.get("features"), out.get("logits"))
 

@@ -101,11 +101,51 @@ def _init_from(setup: Setup, state, src: checkpoint.Checkpointer, step: int):
   return state.replace(params=restored["params"], ema_params=restored["ema_params"], perceptual_params=copy)
 
 
+# Config values that decide what the train state holds besides the model (the model's own are checkpoint.SHAPE_KEYS).
+STATE_LAYOUT_KEYS = ("loss.perceptual_weight", "perceptual.share_with_sampling_ema", "optimizer.grad_clip")
+
+
+def check_resume_config(setup: Setup, saved: dict, step: int) -> dict:
+  """Refuses a config whose train state holds other arrays than the checkpoint's (naming the keys and why); returns
+  the other changed values, which the resumed run takes over."""
+  changed = checkpoint.changed_values(saved, setup.config)
+  if not changed:
+    return {}
+  then = ml_collections.ConfigDict(setup.config.to_dict())  # the config as the checkpoint was trained with it
+  for key, (old, now) in changed.items():
+    if old is not None:  # (keys a checkpoint predates keep today's values)
+      *parents, leaf = key.split(".")
+      node = then
+      for p in parents:
+        node = node[p]
+      node[leaf] = tuple(old) if isinstance(now, (list, tuple)) else old
+  tx_then, _ = step_lib.make_optimizer(then)
+  layout_then = jax.eval_shape(
+      lambda k: step_lib.init_state(then, setup.model, tx_then, k, setup.image_shape), jax.random.key(0))
+  if jax.tree.structure(layout_then) != jax.tree.structure(setup.abstract_state):
+    keys = [k for k in STATE_LAYOUT_KEYS if k in changed] or list(changed)
+    values = ", ".join(f"{k}={changed[k][0]!r} (now {changed[k][1]!r})" for k in keys)
+    raise CheckpointError(
+        f"the workdir's checkpoint (step {step}) was trained with {values}, and this changes what the train state "
+        "holds (the perceptual copy, or the optimizer's state), so it cannot resume. Resume with the checkpoint's "
+        "value(s), or start a new --workdir with --config.init_from=<this workdir> to begin from its params. "
+        "Nothing was changed; the checkpoints are fine.")
+  return changed
+
+
 def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer, init_key):
   """(state, restored_step or None); on resume the data iterator continues where it stopped."""
   latest = ckpt.latest_step()
   if latest is not None:
     check_compatible(ckpt, latest, setup.config, "the workdir's checkpoint")
+    changed = check_resume_config(setup, ckpt.restore_config(latest), latest)
+    if changed:
+      listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+      print(f"resuming step {latest} with {len(changed)} changed config value(s): {listed}", flush=True)
+      if jax.process_index() == 0:
+        fileio.append_text(fileio.join(setup.workdir, "config_history.jsonl"), json.dumps(
+            {"step": latest, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+             "changed": {k: {"checkpoint": a, "now": b} for k, (a, b) in changed.items()}}) + "\n")
     state, data_state = ckpt.restore(latest, setup.abstract_state)
     if setup.pipeline is not None and data_state is not None:
       setup.pipeline.set_state(data_state)

@@ -185,6 +185,35 @@ def test_metrics_keep_one_row_per_step_after_a_resume(trained, tmp_path):
       assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["step"], k)
 
 
+@pytest.mark.parametrize("overrides,named", [
+    ({"loss.perceptual_weight": 0.0}, "loss.perceptual_weight=1.0 (now 0.0)"),
+    ({"optimizer.grad_clip": 0.0}, "optimizer.grad_clip=1.0 (now 0.0)"),
+    ({"perceptual.share_with_sampling_ema": True}, "perceptual.share_with_sampling_ema=False (now True)"),
+])
+def test_a_change_of_what_the_state_holds_is_refused_by_name(trained, overrides, named):
+  workdir, get_config = trained
+  before = _snapshot(workdir)
+  with pytest.raises(CheckpointError, match="changes what the train state holds") as info:
+    train.train_and_evaluate(_tiny(get_config, total_steps=14, **overrides), workdir)
+  assert named in str(info.value) and "corrupt" not in str(info.value) and "Nothing was changed" in str(info.value)
+  assert _snapshot(workdir) == before
+
+
+def test_other_config_changes_are_listed_at_resume_and_kept_in_the_history(trained, tmp_path, capsys):
+  workdir, get_config = trained
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  train.train_and_evaluate(_tiny(get_config, total_steps=13, **{"optimizer.learning_rate": 5e-4}), str(copy))
+  out = capsys.readouterr().out
+  assert ("resuming step 12 with 2 changed config value(s): optimizer.learning_rate: 0.001 -> 0.0005; "
+          "total_steps: 12 -> 13") in out
+  assert "training 1 steps from step 12" in out
+  with open(copy / "config_history.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert rows == [{"step": 12, "time": rows[0]["time"], "changed": {
+      "optimizer.learning_rate": {"checkpoint": 0.001, "now": 0.0005}, "total_steps": {"checkpoint": 12, "now": 13}}}]
+
+
 def test_incompatible_checkpoint_is_refused_and_nothing_is_lost(trained):
   workdir, get_config = trained
   before = _snapshot(workdir)
