@@ -11,3 +11,7 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointError(UserError):
   """A checkpoint that is missing, incompatible with the config, or unreadable."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint that cannot be read back as it was written (unreadable files, a checksum mismatch)."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from selfperc_jax import (checkpoint, data, diffusion, fileio, generate, sharding, step as step_lib,
                           validation)
-from selfperc_jax.errors import CheckpointError, UserError
+from selfperc_jax.errors import CheckpointError, CorruptCheckpointError, UserError
 from selfperc_jax.evaluation import evaluate
 from selfperc_jax.logging_utils import MetricLogger
 from selfperc_jax.preemption import PreemptionWatcher
@@ -134,11 +134,28 @@ def check_resume_config(setup: Setup, saved: dict, step: int) -> dict:
 
 
 def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer, init_key):
-  """(state, restored_step or None); on resume the data iterator continues where it stopped."""
-  latest = ckpt.latest_step()
-  if latest is not None:
-    check_compatible(ckpt, latest, setup.config, "the workdir's checkpoint")
-    changed = check_resume_config(setup, ckpt.restore_config(latest), latest)
+  """(state, restored_step or None); on resume the data iterator continues where it stopped.
+
+  A corrupt or unreadable latest checkpoint is passed over, with a warning, for the newest one that restores intact;
+  the passed-over step folders are moved to checkpoints_corrupt/ (never deleted), so later saves cannot collide with
+  them. If none restores, nothing is moved and the error says so."""
+  steps = ckpt.all_steps()
+  if steps:
+    corrupt = []
+    for latest in reversed(steps):
+      try:
+        state, data_state, changed = _restore(setup, ckpt, latest)
+        break
+      except CorruptCheckpointError as e:
+        corrupt.append((latest, e))
+    else:
+      raise CheckpointError(f"no checkpoint in {ckpt.directory} can be restored; the newest: {corrupt[0][1]} "
+                            "Nothing was changed.")
+    if corrupt:
+      for step, error in corrupt:
+        print(f"warning: {error}", flush=True)
+      _move_aside(setup, ckpt, [step for step, _ in corrupt])
+      print(f"resuming from step {latest}, the newest intact checkpoint", flush=True)
     if changed:
       listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
       print(f"resuming step {latest} with {len(changed)} changed config value(s): {listed}", flush=True)
@@ -146,7 +163,6 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer, init_key):
         fileio.append_text(fileio.join(setup.workdir, "config_history.jsonl"), json.dumps(
             {"step": latest, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "changed": {k: {"checkpoint": a, "now": b} for k, (a, b) in changed.items()}}) + "\n")
-    state, data_state = ckpt.restore(latest, setup.abstract_state)
     if setup.pipeline is not None and data_state is not None:
       setup.pipeline.set_state(data_state)
     if setup.config.init_from:
@@ -157,6 +173,31 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer, init_key):
   if source is not None:
     state = _init_from(setup, state, *source)
   return state, None
+
+
+def _restore(setup: Setup, ckpt: checkpoint.Checkpointer, step: int):
+  """(state, data state, changed config values) of one step, after the config checks."""
+  check_compatible(ckpt, step, setup.config, "the workdir's checkpoint")
+  changed = check_resume_config(setup, ckpt.restore_config(step), step)
+  state, data_state = ckpt.restore(step, setup.abstract_state)
+  return state, data_state, changed
+
+
+def _move_aside(setup: Setup, ckpt: checkpoint.Checkpointer, steps) -> None:
+  """Moves corrupt step folders to workdir/checkpoints_corrupt/<step> (process 0), then every process re-reads."""
+  if jax.process_index() == 0:
+    from etils import epath
+
+    aside = epath.Path(fileio.join(setup.workdir, "checkpoints_corrupt"))
+    aside.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      target = aside / f"{step}"
+      if target.exists():
+        target = aside / f"{step}_{time.strftime('%Y%m%dT%H%M%S')}"
+      epath.Path(fileio.join(ckpt.directory, str(step))).rename(target)
+      print(f"moved the corrupt checkpoint step {step} to {target}", flush=True)
+  sharding.broadcast_from_process_0(np.int32(0))  # every process waits for the move
+  ckpt.manager.reload()
 
 
 def is_due(done: int, every: int, total: int) -> bool:
@@ -329,6 +370,7 @@ def _train(setup: Setup, num_steps: int | None) -> dict | None:
       state, metrics = setup.step_fn(step)(state, batch, step_key)
       done = step + 1
       guard.update(metrics, done)
+      ckpt.check()  # a failed asynchronous save stops the run now, not at the next save
       preempted = preemption.should_stop(done)
       if preempted:
         stop = done  # checkpoint below, then leave; the next start resumes here (and writes this step's outputs)

@@ -13,6 +13,8 @@ from benchmarks import step_time
 from selfperc_jax import diffusion, flops, losses, sharding, train
 
 
+pytestmark = pytest.mark.slow  # subprocesses and end-to-end runs
+
 @pytest.fixture
 def tiny(digits_config):
   config = digits_config("tiny")

@@ -112,6 +112,7 @@ def _random_inception_weights(path):
   np.savez(path, **state)
 
 
+@pytest.mark.slow
 def test_inception_features_through_the_cli(files, tmp_path, capsys):
   weights = tmp_path / "inception.npz"
   _random_inception_weights(weights)

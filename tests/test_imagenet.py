@@ -22,6 +22,8 @@ tfds = pytest.importorskip("tensorflow_datasets")
 NUM_SYNSETS, PER_SYNSET = 4, 6
 
 
+pytestmark = pytest.mark.slow  # subprocesses and end-to-end runs
+
 def _image(k: int, j: int) -> np.ndarray:
   """Class k's j-th image: brightness 40 * (k + 1) on the left half, black on the right; sizes vary."""
   h, w = 40 + 8 * j, 64 - 4 * j

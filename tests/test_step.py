@@ -49,6 +49,7 @@ def _assert_same_run(hist_a, state_a, hist_b, state_b):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_eight_devices_with_fsdp_equal_one_device(small_config):
   """8 devices, the batch split over all of them and the state split 4 ways (FSDP, mesh 2 x 4), train exactly what
   one device trains. (Pure data parallelism over 8 devices is compared with 2 processes in test_multihost.py.)"""
@@ -124,6 +125,7 @@ def test_mse_only_step_has_no_copy_and_no_perceptual_term(digits_config):
   np.testing.assert_allclose(hist[0]["loss"], hist[0]["loss_mse"])
 
 
+@pytest.mark.slow
 def test_shared_copy_uses_the_sampling_ema(small_config):
   small_config.perceptual.share_with_sampling_ema = True
   _, hist, state = _run(small_config, 1, _batches(small_config, 3))
@@ -147,6 +149,7 @@ def test_learning_rate_warms_up_then_decays(digits_config):
   assert float(lr(config.total_steps)) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label_dropout", [0.0, 1.0 - 1e-7])
 def test_label_dropout_reaches_the_null_class(small_config, label_dropout):
   """With label dropout ~1 every example trains unconditionally, so the class labels no longer change the loss."""

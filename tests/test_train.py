@@ -74,6 +74,7 @@ def test_resume_equals_uninterrupted_run(trained, tmp_path):
       np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=f"step {a['step']} {k}")
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh_continues_the_same_run(trained, tmp_path):
   """Saved with FSDP on 8 devices (2 x 4), resumed on 4 devices (2 x 2): the same run as on one device."""
   workdir, get_config = trained
@@ -98,6 +99,7 @@ def test_finished_run_restarted_trains_nothing_and_keeps_its_files(trained):
   assert _snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_a_finished_run_missing_its_last_outputs_writes_them_on_restart(trained, tmp_path, capsys):
   """Killed after the last checkpoint but before its samples and evaluation: the next start writes them."""
   workdir, get_config = trained
@@ -125,7 +127,7 @@ def test_a_finished_run_missing_its_last_outputs_writes_them_on_restart(trained,
 def _diverging(get_config, **overrides):
   """A learning rate far too high, no clipping: the loss becomes non-finite within a few steps."""
   return _tiny(get_config, **{"optimizer.learning_rate": 1e9, "optimizer.warmup_steps": 0, "optimizer.grad_clip": 0.0,
-                              "total_steps": 40, "checkpoint_every": 1, "log_every": 10, "eval_every": 0,
+                              "total_steps": 16, "checkpoint_every": 2, "log_every": 8, "eval_every": 0,
                               "loss.perceptual_start_step": 100, **overrides})
 
 
@@ -135,6 +137,7 @@ def _all_params_finite(directory, step, config):
   return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(state))
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_an_error_and_writes_no_non_finite_checkpoint(digits_config, tmp_path):
   config = _diverging(digits_config)
   with pytest.raises(train.NonFiniteError, match=r"became non-finite \(NaN/inf\) at step (\d+)") as info:
@@ -142,16 +145,17 @@ def test_divergence_stops_with_an_error_and_writes_no_non_finite_checkpoint(digi
   bad = int(info.value.args[0].split(" at step ")[1].split(";")[0])
   ckpt_dir = str(tmp_path / "checkpoints")
   saved = sorted(int(d) for d in os.listdir(ckpt_dir))
-  assert bad < 40 and all(step < bad for step in saved)  # training stopped; nothing from the bad step on was saved
+  assert bad <= 16 and all(step < bad for step in saved)  # training stopped; nothing from the bad step on was saved
   assert saved and all(_all_params_finite(ckpt_dir, step, config) for step in saved)
   assert f"latest checkpoint is step {saved[-1]}" in info.value.args[0]
 
 
+@pytest.mark.slow
 def test_skip_mode_skips_non_finite_updates_and_keeps_the_state_finite(digits_config, tmp_path, capsys):
-  config = _diverging(digits_config, on_nonfinite="skip", checkpoint_every=40)
+  config = _diverging(digits_config, on_nonfinite="skip", checkpoint_every=16)
   train.train_and_evaluate(config, str(tmp_path))
   assert "were skipped" in capsys.readouterr().out
-  assert _all_params_finite(str(tmp_path / "checkpoints"), 40, config)
+  assert _all_params_finite(str(tmp_path / "checkpoints"), 16, config)
 
 
 def test_sampling_refuses_a_checkpoint_with_non_finite_params(trained, tmp_path):
@@ -168,6 +172,7 @@ def test_sampling_refuses_a_checkpoint_with_non_finite_params(trained, tmp_path)
     modes.sample_from_checkpoint(config, str(copy))
 
 
+@pytest.mark.slow
 def test_metrics_keep_one_row_per_step_after_a_resume(trained, tmp_path):
   """A run killed after logging steps 7..12 but before checkpointing them logs them again, once."""
   workdir, get_config = trained
@@ -199,6 +204,7 @@ def test_a_change_of_what_the_state_holds_is_refused_by_name(trained, overrides,
   assert _snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_other_config_changes_are_listed_at_resume_and_kept_in_the_history(trained, tmp_path, capsys):
   workdir, get_config = trained
   copy = tmp_path / "copy"
@@ -214,6 +220,39 @@ def test_other_config_changes_are_listed_at_resume_and_kept_in_the_history(train
       "optimizer.learning_rate": {"checkpoint": 0.001, "now": 0.0005}, "total_steps": {"checkpoint": 12, "now": 13}}}]
 
 
+@pytest.mark.slow
+def test_a_failed_save_stops_the_run_at_once_with_one_message(digits_config, tmp_path, monkeypatch):
+  """The checkpoint folder vanishes (replaced by a file) after the first save: the next save's failure stops the
+  run at that step or the next, not one checkpoint interval later, with a CheckpointError saying where."""
+  config = _tiny(digits_config, total_steps=12, checkpoint_every=4, eval_every=0, log_every=1)
+  real_save = checkpoint.Checkpointer.save
+
+  def save_then_break_the_folder(self, step, *args, **kwargs):
+    real_save(self, step, *args, **kwargs)
+    if step == 4:
+      self.wait()
+      shutil.rmtree(self.directory)
+      with open(self.directory, "w") as f:
+        f.write("not a folder any more")
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_break_the_folder)
+  with pytest.raises(CheckpointError, match=f"checkpoint.* {tmp_path}/checkpoints failed") as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert "rerun" in str(info.value)
+  assert max(r["step"] for r in _metrics(tmp_path)) <= 9  # stopped at the failing save (8), or right after it
+
+
+@pytest.mark.slow
+def test_a_save_that_cannot_fit_on_the_disk_is_refused_before_it_starts(digits_config, tmp_path, monkeypatch):
+  import shutil as shutil_module
+  from collections import namedtuple
+
+  usage = namedtuple("usage", "total used free")
+  monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+  with pytest.raises(CheckpointError, match=r"not enough disk space for checkpoint step 6 .* 0.00 GiB are free"):
+    train.train_and_evaluate(_tiny(digits_config, eval_every=0), str(tmp_path))
+
+
 def test_incompatible_checkpoint_is_refused_and_nothing_is_lost(trained):
   workdir, get_config = trained
   before = _snapshot(workdir)
@@ -223,19 +262,63 @@ def test_incompatible_checkpoint_is_refused_and_nothing_is_lost(trained):
   assert _snapshot(workdir) == before
 
 
-def test_corrupt_checkpoint_gives_a_clear_error(trained, tmp_path):
+def _corrupt(directory, flip_one_bit: bool):
+  """Damages a checkpoint's array data: truncates every data file, or flips one bit in the largest."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(directory, "state")) for name in names
+           if "metadata" not in name.lower() and name != "_sharding"]
+  if flip_one_bit:
+    path = max(files, key=os.path.getsize)
+    with open(path, "r+b") as f:
+      data = bytearray(f.read())
+      data[len(data) // 2] ^= 0x10
+      f.seek(0)
+      f.write(data)
+    return
+  for path in files:
+    with open(path, "r+b") as f:
+      f.truncate(3)
+
+
+def test_fingerprint_changes_with_any_single_flipped_bit():
+  state = {"w": jax.numpy.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8),
+           "h": jax.numpy.ones((5,), jax.numpy.bfloat16), "n": jax.numpy.int32(7)}
+  clean = checkpoint.fingerprint(state)
+  assert set(clean) == {"w", "h", "n"}
+  rng = np.random.default_rng(0)
+  for name, width in (("w", np.uint32), ("h", np.uint16)):
+    for _ in range(20):
+      words = np.asarray(state[name]).copy().view(width)
+      words.flat[rng.integers(words.size)] ^= width(1) << width(rng.integers(8 * words.itemsize))
+      flipped = checkpoint.fingerprint(dict(state, **{name: jax.numpy.asarray(words.view(state[name].dtype))}))
+      assert flipped[name] != clean[name] and all(flipped[k] == clean[k] for k in clean if k != name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flip_one_bit", [False, True], ids=["truncated", "one-bit-flipped"])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(trained, tmp_path, capsys, flip_one_bit):
   workdir, get_config = trained
-  broken = str(tmp_path / "broken")
+  broken = tmp_path / "broken"
   shutil.copytree(workdir, broken)
-  state_dir = os.path.join(broken, "checkpoints", "12", "state")
-  for root, _, files in os.walk(state_dir):
-    for name in files:
-      if name != "_METADATA" and "metadata" not in name.lower():
-        with open(os.path.join(root, name), "r+b") as f:
-          f.truncate(3)
+  _corrupt(broken / "checkpoints" / "12", flip_one_bit)
+  train.train_and_evaluate(_tiny(get_config, total_steps=14), str(broken))
+  out = capsys.readouterr().out
+  assert "checkpoint step 12" in out and ("corrupt" in out or "could not be restored" in out)
+  assert "resuming from step 6, the newest intact checkpoint" in out
+  assert "training 8 steps from step 6" in out
+  assert os.listdir(broken / "checkpoints_corrupt") == ["12"]  # moved aside, not deleted
+  assert sorted(os.listdir(broken / "checkpoints")) == ["12", "14", "6"]  # step 12 trained and saved again
+
+
+@pytest.mark.slow
+def test_no_restorable_checkpoint_is_an_error_that_changes_nothing(trained, tmp_path):
+  workdir, get_config = trained
+  broken = tmp_path / "broken"
+  shutil.copytree(workdir, broken)
+  for step in ("6", "12"):
+    _corrupt(broken / "checkpoints" / step, flip_one_bit=False)
   before = _snapshot(broken)
-  with pytest.raises(CheckpointError, match="move that step's folder aside"):
-    train.train_and_evaluate(_tiny(get_config, total_steps=20), broken)
+  with pytest.raises(CheckpointError, match="no checkpoint in .* can be restored"):
+    train.train_and_evaluate(_tiny(get_config, total_steps=20), str(broken))
   assert _snapshot(broken) == before
 
 
@@ -319,6 +402,7 @@ def _main(*args, timeout=600):
                         text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--config=configs/digits.py:tiny", "--config.model.base_chanels=8"],
      'unknown config key model.base_chanels. Did you mean "base_channels"'),
@@ -338,6 +422,7 @@ def test_command_line_mistakes_are_one_line_without_traceback(tmp_path, args, me
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_missing_workdir_flag_and_a_workdir_that_is_a_file(tmp_path):
   result = subprocess.run([sys.executable, "-m", "selfperc_jax.main", "--config=configs/digits.py:tiny"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -349,6 +434,7 @@ def test_missing_workdir_flag_and_a_workdir_that_is_a_file(tmp_path):
   assert (tmp_path / "file").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_bad_value_on_the_command_line_is_one_line_without_traceback(tmp_path):
   result = _main("--config=configs/digits.py:tiny", f"--workdir={tmp_path}", "--config.sample.sampler=euler")
   assert result.returncode == 2
@@ -356,6 +442,7 @@ def test_bad_value_on_the_command_line_is_one_line_without_traceback(tmp_path):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_main_smoke_trains_checkpoints_and_samples(tmp_path):
   """The tiny config through the real entry point on all 8 simulated devices, then the sample mode."""
   workdir = tmp_path / "run"
@@ -400,6 +487,7 @@ def test_eval_mode_adds_one_entry_per_setting(trained):
   assert 0 <= result["class_accuracy"] <= 1 and result["num_samples"] == 20 and result["guidance_scale"] == 2.0
 
 
+@pytest.mark.slow
 def test_killed_evaluation_resumes_from_its_chunks_and_gives_the_same_result(trained, tmp_path, monkeypatch):
   from selfperc_jax import generate
 
@@ -447,6 +535,7 @@ def test_killed_evaluation_resumes_from_its_chunks_and_gives_the_same_result(tra
     assert json.load(f)[setting]["fid"] == pytest.approx(expected["fid"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_restart_resumes_there(tmp_path):
   import signal
   import time
@@ -479,6 +568,7 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_restart_resumes_ther
   assert f"training 2 steps from step {saved}" in result.stdout
 
 
+@pytest.mark.slow
 def test_eval_mode_with_inception_features_and_a_reference_file(trained, tmp_path):
   from test_compare import _random_inception_weights
   from selfperc_jax.data import digits
