@@ -160,9 +160,7 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer, init_key):
       listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
       print(f"resuming step {latest} with {len(changed)} changed config value(s): {listed}", flush=True)
       if jax.process_index() == 0:
-        fileio.append_text(fileio.join(setup.workdir, "config_history.jsonl"), json.dumps(
-            {"step": latest, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-             "changed": {k: {"checkpoint": a, "now": b} for k, (a, b) in changed.items()}}) + "\n")
+        _record_config_change(setup.workdir, latest, changed)
     if setup.pipeline is not None and data_state is not None:
       setup.pipeline.set_state(data_state)
     if setup.config.init_from:
@@ -173,6 +171,18 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer, init_key):
   if source is not None:
     state = _init_from(setup, state, *source)
   return state, None
+
+
+def _record_config_change(workdir: str, step: int, changed: dict) -> None:
+  """Appends the change to workdir/config_history.jsonl, unless its last row already says the same."""
+  path = fileio.join(workdir, "config_history.jsonl")
+  row = {"step": step, "changed": {k: {"checkpoint": a, "now": b} for k, (a, b) in changed.items()}}
+  if fileio.exists(path):
+    lines = fileio.read_text(path).splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    if {k: last.get(k) for k in row} == row:
+      return
+  fileio.append_text(path, json.dumps({**row, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
 
 def _restore(setup: Setup, ckpt: checkpoint.Checkpointer, step: int):

@@ -127,7 +127,7 @@ def test_a_finished_run_missing_its_last_outputs_writes_them_on_restart(trained,
 def _diverging(get_config, **overrides):
   """A learning rate far too high, no clipping: the loss becomes non-finite within a few steps."""
   return _tiny(get_config, **{"optimizer.learning_rate": 1e9, "optimizer.warmup_steps": 0, "optimizer.grad_clip": 0.0,
-                              "total_steps": 16, "checkpoint_every": 2, "log_every": 8, "eval_every": 0,
+                              "total_steps": 16, "checkpoint_every": 1, "log_every": 8, "eval_every": 0,
                               "loss.perceptual_start_step": 100, **overrides})
 
 
@@ -209,48 +209,17 @@ def test_other_config_changes_are_listed_at_resume_and_kept_in_the_history(train
   workdir, get_config = trained
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
-  train.train_and_evaluate(_tiny(get_config, total_steps=13, **{"optimizer.learning_rate": 5e-4}), str(copy))
+  config = _tiny(get_config, eval_every=0, **{"sample.guidance_scale": 2.0})
+  train.train_and_evaluate(config, str(copy))
   out = capsys.readouterr().out
-  assert ("resuming step 12 with 2 changed config value(s): optimizer.learning_rate: 0.001 -> 0.0005; "
-          "total_steps: 12 -> 13") in out
-  assert "training 1 steps from step 12" in out
+  assert "resuming step 12 with 2 changed config value(s): eval_every: 12 -> 0; sample.guidance_scale: 1.0 -> 2.0" in out
   with open(copy / "config_history.jsonl") as f:
     rows = [json.loads(line) for line in f]
   assert rows == [{"step": 12, "time": rows[0]["time"], "changed": {
-      "optimizer.learning_rate": {"checkpoint": 0.001, "now": 0.0005}, "total_steps": {"checkpoint": 12, "now": 13}}}]
-
-
-@pytest.mark.slow
-def test_a_failed_save_stops_the_run_at_once_with_one_message(digits_config, tmp_path, monkeypatch):
-  """The checkpoint folder vanishes (replaced by a file) after the first save: the next save's failure stops the
-  run at that step or the next, not one checkpoint interval later, with a CheckpointError saying where."""
-  config = _tiny(digits_config, total_steps=12, checkpoint_every=4, eval_every=0, log_every=1)
-  real_save = checkpoint.Checkpointer.save
-
-  def save_then_break_the_folder(self, step, *args, **kwargs):
-    real_save(self, step, *args, **kwargs)
-    if step == 4:
-      self.wait()
-      shutil.rmtree(self.directory)
-      with open(self.directory, "w") as f:
-        f.write("not a folder any more")
-
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_break_the_folder)
-  with pytest.raises(CheckpointError, match=f"checkpoint.* {tmp_path}/checkpoints failed") as info:
-    train.train_and_evaluate(config, str(tmp_path))
-  assert "rerun" in str(info.value)
-  assert max(r["step"] for r in _metrics(tmp_path)) <= 9  # stopped at the failing save (8), or right after it
-
-
-@pytest.mark.slow
-def test_a_save_that_cannot_fit_on_the_disk_is_refused_before_it_starts(digits_config, tmp_path, monkeypatch):
-  import shutil as shutil_module
-  from collections import namedtuple
-
-  usage = namedtuple("usage", "total used free")
-  monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
-  with pytest.raises(CheckpointError, match=r"not enough disk space for checkpoint step 6 .* 0.00 GiB are free"):
-    train.train_and_evaluate(_tiny(digits_config, eval_every=0), str(tmp_path))
+      "eval_every": {"checkpoint": 12, "now": 0}, "sample.guidance_scale": {"checkpoint": 1.0, "now": 2.0}}}]
+  train.train_and_evaluate(config, str(copy))  # the same change again is not recorded twice
+  with open(copy / "config_history.jsonl") as f:
+    assert len(f.readlines()) == 1
 
 
 def test_incompatible_checkpoint_is_refused_and_nothing_is_lost(trained):
@@ -300,13 +269,15 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(trained, tmp
   broken = tmp_path / "broken"
   shutil.copytree(workdir, broken)
   _corrupt(broken / "checkpoints" / "12", flip_one_bit)
-  train.train_and_evaluate(_tiny(get_config, total_steps=14), str(broken))
+  train.train_and_evaluate(_tiny(get_config), str(broken))
   out = capsys.readouterr().out
   assert "checkpoint step 12" in out and ("corrupt" in out or "could not be restored" in out)
   assert "resuming from step 6, the newest intact checkpoint" in out
-  assert "training 8 steps from step 6" in out
+  assert "training 6 steps from step 6" in out
   assert os.listdir(broken / "checkpoints_corrupt") == ["12"]  # moved aside, not deleted
-  assert sorted(os.listdir(broken / "checkpoints")) == ["12", "14", "6"]  # step 12 trained and saved again
+  assert sorted(os.listdir(broken / "checkpoints")) == ["12", "6"]  # step 12 trained and saved again
+  assert checkpoint.Checkpointer(str(broken / "checkpoints"), read_only=True).restore(
+      12, train.Setup(_tiny(get_config), "/nonexistent", with_data=False).abstract_state)[0] is not None
 
 
 @pytest.mark.slow

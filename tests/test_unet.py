@@ -1,5 +1,6 @@
 """U-Net: output shape, class conditioning, tap-only early exit (no decoder), config dtype handling."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -282,3 +283,24 @@ def test_bfloat16_model_runs_and_returns_float32(params):
   err = float(jnp.max(jnp.abs(out - ref)))
   scale = float(jnp.max(jnp.abs(ref)))
   assert 0 < err < 0.1 * scale
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_attention_equals_the_textbook_formula(dtype, tol):
+  """jax.nn.dot_product_attention inside the block: softmax(q k^T / sqrt(d)) v per head, as written out here."""
+  block = unet_lib.AttentionBlock(num_heads=2, dtype=dtype)
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+  variables = block.init(jax.random.key(1), x)
+  # A non-zero output projection, so that the attention output shows in the result.
+  proj = variables["params"]["proj"]
+  variables = {"params": dict(variables["params"],
+                              proj=dict(proj, kernel=jax.random.normal(jax.random.key(2), proj["kernel"].shape)))}
+  out = block.apply(variables, x)
+  p = variables["params"]
+  h = nn.GroupNorm(unet_lib._num_groups(8)).apply({"params": p["norm"]}, x).reshape(2, 16, 8)
+  qkv = jnp.einsum("btc,cshd->btshd", h, p["qkv"]["kernel"]) + p["qkv"]["bias"]
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(4.0), axis=-1)
+  att = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  expected = x + (jnp.einsum("bthd,hdc->btc", att, p["proj"]["kernel"]) + p["proj"]["bias"]).reshape(2, 4, 4, 8)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected), atol=tol, rtol=tol)

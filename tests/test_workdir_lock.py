@@ -67,3 +67,37 @@ def test_a_recently_refreshed_lock_of_another_host_is_respected(tmp_path):
   with pytest.raises(WorkdirLockedError, match="in use by process 12345 on tpu-worker-0.*delete .*LOCK"):
     WorkdirLock(str(tmp_path)).acquire()
   assert json.loads((tmp_path / "LOCK").read_text())["host"] == "tpu-worker-0"  # untouched
+
+
+def test_two_runs_starting_at_the_same_moment_get_one_lock(tmp_path, monkeypatch):
+  """Both look before either writes (the race of two trainers started together): exactly one wins."""
+  import threading
+
+  barrier = threading.Barrier(2)
+  real_read = WorkdirLock._read
+
+  def read_then_wait(self):
+    holder = real_read(self)
+    if holder is None:
+      barrier.wait(timeout=10)  # both have seen "no lock" before either creates it
+    return holder
+
+  monkeypatch.setattr(WorkdirLock, "_read", read_then_wait)
+  results = []
+
+  def run():
+    lock = WorkdirLock(str(tmp_path))
+    try:
+      lock.acquire()
+      results.append(("held", lock))
+    except WorkdirLockedError as e:
+      results.append(("refused", str(e)))
+
+  threads = [threading.Thread(target=run) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=30)
+  assert sorted(r[0] for r in results) == ["held", "refused"]
+  monkeypatch.setattr(WorkdirLock, "_read", real_read)
+  next(lock for kind, lock in results if kind == "held").release()
