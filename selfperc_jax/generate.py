@@ -68,8 +68,7 @@ class Generator:
     self.mesh = mesh
     self.chunk_size = int(s.batch_size)
     self.image_shape = tuple(image_shape)
-    self.embeds = embed_fn is not None
-    self._embed_variables = sharding.replicate(embed_variables, mesh) if self.embeds else None
+    self._embed_variables = sharding.replicate(embed_variables, mesh) if embed_fn is not None else None
     batch = sharding.batch_sharding(mesh)
 
     def draw_chunk(params, embed_variables, seed, labels, indices):

@@ -53,16 +53,6 @@ def save_grid(path: str, images_u8, labels) -> str:
   return path
 
 
-def save_samples(out_dir: str, name: str, images, labels) -> tuple[str, str]:
-  """Writes out_dir/name.png and out_dir/name.npz of samples held in memory; returns their paths."""
-  fileio.makedirs(out_dir)
-  images_u8, labels = to_uint8(images), np.asarray(labels, np.int64)
-  png, npz = fileio.join(out_dir, f"{name}.png"), fileio.join(out_dir, f"{name}.npz")
-  save_grid(png, images_u8, labels)
-  fileio.savez(npz, images_u8, labels)
-  return png, npz
-
-
 class NpzStreamWriter:
   """Writes the guided-diffusion .npz (arr_0 uint8 NHWC, arr_1 labels) chunk by chunk, never holding all images.
 

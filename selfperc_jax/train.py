@@ -285,8 +285,7 @@ class PeriodicOutputs:
     workdir = self.setup.workdir
     if action == "samples":
       return all(fileio.exists(fileio.join(workdir, "samples", f"step_{step}.{ext}")) for ext in ("png", "npz"))
-    path = fileio.join(workdir, "eval", f"step_{step}.json")
-    return fileio.exists(path) and evaluate.setting_name(self.setup.config) in json.loads(fileio.read_text(path))
+    return evaluate.has_result(fileio.join(workdir, "eval"), step, evaluate.setting_name(self.setup.config))
 
   def missing(self, step: int) -> list[str]:
     """The due outputs of `step` that are not in the workdir (process 0 looks; every process gets its answer)."""

@@ -148,10 +148,20 @@ def score_features(feats, logits, labels, reference: np.ndarray, class_scores: b
   return result
 
 
+def _result_path(eval_dir: str, step: int) -> str:
+  return fileio.join(eval_dir, f"step_{step}.json")
+
+
+def has_result(eval_dir: str, step: int, setting: str) -> bool:
+  """Whether eval/step_<STEP>.json already holds this setting's metrics."""
+  path = _result_path(eval_dir, step)
+  return fileio.exists(path) and setting in json.loads(fileio.read_text(path))
+
+
 def write_result(eval_dir: str, step: int, setting: str, result: dict) -> str:
   """Adds one setting's metrics to eval/step_<STEP>.json, keeping every other setting already in it."""
   fileio.makedirs(eval_dir)
-  path = fileio.join(eval_dir, f"step_{step}.json")
+  path = _result_path(eval_dir, step)
   existing = json.loads(fileio.read_text(path)) if fileio.exists(path) else {}
   existing[setting] = result
   fileio.write_text(path, json.dumps(existing, indent=2, sort_keys=True))
