@@ -24,6 +24,7 @@ if str(REPO) not in sys.path:  # third_party/ is not an installed package; `pyth
 
 from selfperc_jax.errors import UserError  # noqa: E402
 from third_party.fid_inception import convert, model  # noqa: E402
+from third_party.fid_inception.parity import make_fixture  # noqa: E402
 
 # --- fixtures --------------------------------------------------------------------------------------------------------
 
@@ -83,13 +84,17 @@ def state_dict(variables):
   return _to_pytorch_state_dict(variables)
 
 
+# The one compiled network of this module: every test that runs it passes (2, 48, 48, 3) float32 images (which
+# preprocess resizes to 299) and variables of the same structure, so it is traced and compiled once.
+_apply = jax.jit(lambda v, x: model.InceptionV3().apply(v, x, mutable=["intermediates"]))
+
+
 @pytest.fixture(scope="module")
 def forward(variables):
   """One compiled forward on 2 different 48x48 images in [-1, 1] (so preprocess resizes), with the branch_pool
   intermediates."""
   images = jax.random.uniform(jax.random.key(1), (2, 48, 48, 3), minval=-1.0, maxval=1.0)
-  apply = jax.jit(lambda v, x: model.InceptionV3().apply(v, x, mutable=["intermediates"]))
-  out, state = apply(variables, images)
+  out, state = _apply(variables, images)
   return jax.device_get(out), jax.device_get(state["intermediates"])
 
 
@@ -391,3 +396,52 @@ def test_pth_that_needs_torch_says_how_to_get_it(tmp_path, monkeypatch):
 def test_missing_weights_file_points_to_the_readme(tmp_path):
   with pytest.raises(convert.WeightsError, match="README"):
     convert.load_variables(str(tmp_path / "pt_inception-2015-12-05-6726825d.pth"))
+
+
+# --- numerical parity with pytorch-fid --------------------------------------------------------------------------------
+# third_party/fid_inception/parity/fixture.npz holds what pytorch-fid's own network (fid_inception_v3() with its
+# FIDInceptionA/C/E_1/E_2 blocks, through its InceptionV3 wrapper with resize_input=True) computed on CPU with
+# seeded random weights; make_fixture.py (run in a venv with torch and pytorch-fid) wrote it and says how. Neither
+# torch nor pytorch-fid is needed here: the same weights are rebuilt with numpy from the PyTorch names and shapes.
+
+
+@pytest.fixture(scope="module")
+def parity():
+  with np.load(make_fixture.FIXTURE) as data:
+    return {key: data[key] for key in data.files}
+
+
+def test_layout_is_that_of_pytorch_fids_network(parity):
+  torch_layout = dict(zip(parity["keys"].tolist(), parity["shapes"].tolist()))  # num_batches_tracked left out
+  ours = {key: make_fixture.shape_string(shape) for key, shape in convert.expected_shapes().items()}
+  assert ours == torch_layout
+
+
+def test_network_matches_pytorch_fid(parity):
+  state_dict = make_fixture.random_state_dict(convert.expected_shapes(), int(parity["seed"]))
+  np.testing.assert_allclose(make_fixture.checksums(state_dict), parity["checksums"], rtol=1e-6, atol=1e-6,
+                             err_msg="numpy's random stream differs from the one the fixture was made with; "
+                             "regenerate it (make_fixture.py)")
+  images = parity["images"]
+  assert images.shape == (2, 48, 48, 3) and images.dtype == np.float32  # the shape _apply is compiled for
+  out, _ = jax.device_get(_apply(convert.convert(state_dict), images))
+  # Measured on CPU (jax 0.10.2 against torch 2.14.1, pytorch-fid 0.3.0): max abs difference 2.1e-5 for pool
+  # (max |value| 30) and 1.5e-5 for logits (max |value| 20), as close as torch's own float32 run is to its float64
+  # run (1.7e-5 and 1.0e-5). The smallest structural error tried is ~90x the tolerance: BatchNorm eps 1.1e-3
+  # instead of 1e-3 (1.7e-3 of the largest value), count_include_pad=True in Mixed_5b alone (2.1e-3), SAME instead
+  # of VALID padding in Conv2d_1a_3x3 (9e-3), kh <-> kw in one 3x3 kernel (5e-2), eps 1e-5 (1.8e-2), Mixed_7c
+  # average- instead of max-pooled (0.29), edge instead of zero padding (0.5).
+  for name in ("pool", "logits"):
+    got = np.asarray(out[name])
+    for reference in (parity[name], parity[f"{name}_f64"]):
+      scale = float(np.abs(reference).max())
+      np.testing.assert_allclose(got, reference, rtol=1e-4, atol=2e-5 * scale, err_msg=name)
+  assert np.abs(parity["pool"]).max() > 1.0 and 0.5 < np.mean(parity["pool"] > 0) < 1.0  # not degenerate
+
+
+@pytest.mark.parametrize("case", ["up", "down"])
+def test_resize_matches_pytorch_fids_interpolate(parity, case):
+  # torch's F.interpolate(mode='bilinear', align_corners=False), pytorch-fid's resize to 299, on small inputs.
+  x, expected = parity[f"resize_{case}_in"], parity[f"resize_{case}_out"]
+  got = np.asarray(model.preprocess(x, size=expected.shape[1]))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)  # measured: 9.5e-7 (up), 1.2e-7 (down)
