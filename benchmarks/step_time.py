@@ -4,7 +4,7 @@
   python benchmarks/step_time.py --config=configs/digits.py --scaling=1,2,4,8 --simulate_devices=8 --out=BENCHMARKS.md
   python benchmarks/step_time.py --config=configs/imagenet256.py --analytic_only   # counts only, no compile
 
-Reports per-step median times of the MSE step (`loss.perceptual_weight=0`: no perceptual code is traced) and the
+Reports per-step median times of the MSE step (`perceptual.weight=0`: no perceptual code is traced) and the
 self-perceptual step (the term active from step 0), their ratio, the compile times, XLA's FLOPs of both compiled
 steps and their ratio, the analytic FLOPs of the U-Net forward and of its encoder half (to the 'mid' tap) with the
 lower bound they give for the ratio, peak device memory from XLA's memory analysis, and the MFU where the device's
@@ -35,33 +35,23 @@ from ml_collections import config_flags  # noqa: E402
 
 from selfperc_jax import flops, sharding, train  # noqa: E402
 
-# Dense bf16 peak FLOP/s per chip (vendor figures).
-PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "H100": 989e12, "H200": 989e12, "A100": 312e12,
-}
-
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config (configs/<name>.py[:arg]).", lock_config=True)
-flags.DEFINE_integer("steps", 10, "Timed steps per measurement round.")
-flags.DEFINE_integer("rounds", 5, "Alternating measurement rounds (MSE, then perceptual, per round).")
-flags.DEFINE_integer("warmup", 2, "Untimed steps per variant after compilation.")
-flags.DEFINE_string("out", None, "Append a dated section to this markdown file (e.g. BENCHMARKS.md).")
-flags.DEFINE_string("json", None, "Write the figures as JSON here.")
-flags.DEFINE_string("scaling", None, "Comma-separated device counts for a weak-scaling run, e.g. 1,2,4,8.")
-flags.DEFINE_integer("per_device_batch", 16, "Per-device batch of the weak-scaling run.")
-flags.DEFINE_integer("simulate_devices", 0, "Simulated CPU devices (read before JAX starts).")
-flags.DEFINE_bool("analytic_only", False, "Only count (no compile, no timing): params, state size and the analytic "
-                  "FLOPs per step; for configs too large for this machine, e.g. configs/imagenet256.py.")
-flags.DEFINE_string("label", "", "A free-text label for the BENCHMARKS.md row (e.g. 'bf16', 'remat').")
 
 
-def peak_flops(device) -> float | None:
-  kind = getattr(device, "device_kind", "")
-  for name, value in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return value
-  return None
+def _define_flags() -> None:
+  """The command line (defined only when run as a script, so that benchmarks/device.py can import this module)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config (configs/<name>.py[:arg]).", lock_config=True)
+  flags.DEFINE_integer("steps", 10, "Timed steps per measurement round.")
+  flags.DEFINE_integer("rounds", 5, "Alternating measurement rounds (MSE, then perceptual, per round).")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps per variant after compilation.")
+  flags.DEFINE_string("out", None, "Append a dated section to this markdown file (e.g. BENCHMARKS.md).")
+  flags.DEFINE_string("json", None, "Write the figures as JSON here.")
+  flags.DEFINE_string("scaling", None, "Comma-separated device counts for a weak-scaling run, e.g. 1,2,4,8.")
+  flags.DEFINE_integer("per_device_batch", 16, "Per-device batch of the weak-scaling run.")
+  flags.DEFINE_integer("simulate_devices", 0, "Simulated CPU devices (read before JAX starts).")
+  flags.DEFINE_bool("analytic_only", False, "Only count (no compile, no timing): params, state size and the analytic "
+                    "FLOPs per step; for configs too large for this machine, e.g. configs/imagenet256.py.")
+  flags.DEFINE_string("label", "", "A free-text label for the BENCHMARKS.md row (e.g. 'bf16', 'remat').")
 
 
 def _cost(compiled) -> float:
@@ -85,10 +75,13 @@ class Variant:
   def __init__(self, config, perceptual: bool, seed: int = 0):
     config = config.copy_and_resolve_references()
     if perceptual:
-      config.loss.perceptual_weight = config.loss.perceptual_weight or 1.0
-      config.loss.perceptual_start_step = 0
+      config.perceptual.weight = config.perceptual.weight or 1.0
+      config.perceptual.start_step = 0
+      # The perceptual phase's step from step 0 on a random network: timed with the MSE term kept, which costs the
+      # same as the feature term alone (and the config check refuses the latter without pre-training).
+      config.perceptual.mse_weight = config.perceptual.mse_weight or 1.0
     else:
-      config.loss.perceptual_weight = 0.0
+      config.perceptual.weight = 0.0
     self.config = config
     self.setup = train.Setup(config, "/nonexistent", with_data=False)
     self.state = self.setup.init_state(jax.random.key(seed))
@@ -98,7 +91,7 @@ class Variant:
              "label": rng.integers(0, config.model.num_classes, config.batch_size).astype(np.int32)}
     self.batch = sharding.global_batch(local, self.setup.mesh)
     self.key = jax.random.key(1)
-    step_fn = self.setup.step_fn(config.loss.perceptual_start_step if perceptual else 0)
+    step_fn = self.setup.step_fn(config.perceptual.start_step if perceptual else 0)
     t0 = time.perf_counter()
     self.compiled = step_fn.lower(self.state, self.batch, self.key).compile()
     self.compile_s = time.perf_counter() - t0
@@ -136,7 +129,7 @@ def measure(config, steps: int, rounds: int, warmup: int) -> dict:
   t_mse, t_sp = statistics.median(times["mse"]), statistics.median(times["sp"])
   forward, encoder = analytic_flops(mse.setup)
   devices = mse.setup.mesh.devices.flatten()
-  peak = peak_flops(devices[0])
+  peak = flops.peak_flops(devices[0])
   result = {
       "date": datetime.date.today().isoformat(),
       "device": f"{len(devices)} x {devices[0].device_kind}",
@@ -262,5 +255,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -4,10 +4,13 @@
   python -m selfperc_jax.main --config=configs/digits.py:tiny --workdir=/tmp/tiny   # smoke-test size
   python -m selfperc_jax.main --config=configs/digits.py:mse --workdir=workdirs/digits_mse   # the MSE baseline
 
-The default follows the paper's recipe in one run: plain MSE pre-training until `loss.perceptual_start_step`, at
-which point the perceptual copy is snapshotted from the online weights and frozen (`perceptual.ema_decay=1.0`), then
-self-perceptual training. Arguments: '' (default), 'tiny', 'mse' (MSE only, for the paper's comparison); they combine
-with commas, e.g. 'tiny,mse'.
+The default follows the paper's recipe in one run: plain MSE pre-training until `perceptual.start_step`, at which
+point the perceptual copy is taken from the sampling EMA (the "released" MSE model) and frozen, then training on the
+self-perceptual feature distance alone (`perceptual.mse_weight=0`). Arguments: '' (default), 'tiny', 'mse' (MSE
+only); they combine with commas, e.g. 'tiny,mse'. The paper's whole comparison (MSE, MSE + guidance,
+self-perceptual, from one pre-training) is one command:
+
+  python -m selfperc_jax.experiments --config=configs/digits.py --workdir=workdirs/digits_comparison
 """
 
 import ml_collections
@@ -54,6 +57,9 @@ def get_config(arg=None):
   config.model.num_classes = 10
   config.model.dtype = "float32"  # compute dtype; params stay float32 ('bfloat16' for TPU/GPU speed)
   config.model.remat = False  # recompute block activations in the backward pass: less memory, more time
+  # jax.nn.dot_product_attention's implementation: 'auto' (XLA picks; cuDNN flash attention on GPUs where shape
+  # and dtype allow), 'xla', or 'cudnn' (fails where cuDNN cannot run it)
+  config.model.attention = "auto"
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.schedule = "cosine"  # cosine | linear | scaled_linear
@@ -61,29 +67,32 @@ def get_config(arg=None):
   config.diffusion.zero_terminal_snr = False
   config.diffusion.prediction = "v"  # v | eps | x0
 
-  config.loss = ml_collections.ConfigDict()
-  config.loss.mse_weight = 1.0
+  config.loss = ml_collections.ConfigDict()  # the diffusion MSE term
   config.loss.min_snr_gamma = 0.0  # > 0: min-SNR-gamma weighting of the MSE term
-  config.loss.perceptual_weight = 1.0
-  config.loss.perceptual_start_step = 1400  # steps before it train with plain MSE (the pre-training phase)
-  config.loss.perceptual_ramp_steps = 0  # linear ramp of the perceptual weight after the start step
-  config.loss.perceptual_noise = "paper"  # 'paper': x0 with eps, x0_hat with eps_hat; 'shared': one fresh eps'
-  config.loss.perceptual_condition = "same"  # 'same' class as the online prediction, or 'null'
-  config.loss.perceptual_taps = ("mid",)
-  # True: real and predicted branch through the copy as one 2B batch; False: separately, so that the backward
-  # skips the real half (fewer FLOPs; see BENCHMARKS.md for which is faster where).
-  config.loss.perceptual_fused = True
-  config.loss.t_prime_min = 0.0
-  config.loss.t_prime_max = 1.0
   config.loss.label_dropout = 0.1  # probability of the null class, for classifier-free guidance
 
-  config.perceptual = ml_collections.ConfigDict()
-  # The copy is an EMA of the online params from the perceptual start step on; 1.0 freezes it there.
-  config.perceptual.ema_decay = 1.0
-  config.perceptual.share_with_sampling_ema = False  # use the sampling EMA itself as the copy (no extra memory)
+  config.perceptual = ml_collections.ConfigDict()  # the self-perceptual term and its stop-gradient copy
+  config.perceptual.weight = 1.0  # 0: plain MSE training throughout (no copy is kept)
+  config.perceptual.start_step = 1400  # steps before it train with plain MSE (the pre-training phase)
+  # The MSE term's weight from start_step on: 0 trains on the feature distance alone, as the paper fine-tunes.
+  config.perceptual.mse_weight = 0.0
+  config.perceptual.ramp_steps = 0  # linear ramp of the perceptual weight after the start step
+  # What the copy is taken from at start_step: 'ema' (the sampling EMA, i.e. the released MSE model, as in the
+  # paper) or 'online' (the raw trained params).
+  config.perceptual.copy_source = "ema"
+  config.perceptual.copy_ema_decay = 1.0  # from start_step on the copy is an EMA of the online params; 1.0: frozen
+  config.perceptual.share_with_sampling_ema = False  # True: the sampling EMA itself is the copy (no extra memory)
+  config.perceptual.noise = "paper"  # 'paper': x0 with eps, x0_hat with eps_hat; 'shared': one fresh eps'
+  config.perceptual.condition = "same"  # 'same' class as the online prediction, or 'null'
+  config.perceptual.taps = ("mid",)
+  # True: real and predicted branch through the copy as one 2B batch; False: separately, so that the backward
+  # skips the real half. False measured 15 % faster per step with 17 % less memory here (BENCHMARKS.md).
+  config.perceptual.fused = False
+  config.perceptual.t_prime_min = 0.0  # t' ~ U[t_prime_min, t_prime_max], independent of t
+  config.perceptual.t_prime_max = 1.0
 
-  config.ema = ml_collections.ConfigDict()
-  config.ema.decay = 0.999
+  config.sampling_ema = ml_collections.ConfigDict()  # the params that sampling and evaluation use
+  config.sampling_ema.decay = 0.999  # warm-up: the decay at step s is min(decay, (1 + s) / (10 + s))
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-3
@@ -93,6 +102,9 @@ def get_config(arg=None):
   config.optimizer.b1 = 0.9
   config.optimizer.b2 = 0.99
   config.optimizer.grad_clip = 1.0
+  # > 1: each step's batch is processed as this many micro-batches whose gradients are averaged before the one
+  # update (the same update as the full batch; activation memory of one micro-batch).
+  config.optimizer.accumulate_steps = 1
 
   config.sample = ml_collections.ConfigDict()
   config.sample.sampler = "ddim"  # ddim | ddpm | dpmpp_2m | heun
@@ -114,6 +126,18 @@ def get_config(arg=None):
   config.eval.save_samples = False  # True: also write the samples as eval/samples_step_<STEP>_<setting>.npz
   config.eval.seed = 1
 
+  config.experiment = ml_collections.ConfigDict()  # python -m selfperc_jax.experiments (the paper's comparison)
+  # Branches continued from one MSE pre-training (perceptual.start_step steps) for the rest of total_steps:
+  # 'mse' (the baseline), 'perceptual' (the feature term alone, the paper's setting), 'mse_perceptual' (both);
+  # 'perceptual_ema' / 'perceptual_online' fix the copy's source (to compare perceptual.copy_source).
+  config.experiment.branches = ("mse", "perceptual", "mse_perceptual")
+  config.experiment.guidance_scales = (1.0, 1.5, 2.0, 3.0)  # every branch is evaluated at each (1: no guidance)
+  config.experiment.guidance_rescale = 0.7  # phi of Lin et al. 2023 for the guided rows (0: plain guidance)
+
+  config.profile = ml_collections.ConfigDict()  # a jax.profiler trace into workdir/profile (process 0)
+  config.profile.start_step = 10  # the first traced step (after compilation)
+  config.profile.steps = 0  # how many steps to trace; 0: no trace
+
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # devices on the data axis; -1: the devices that mesh.fsdp leaves
   config.mesh.fsdp = 1  # devices each param is split over (FSDP); -1: the devices that mesh.data leaves
@@ -130,11 +154,11 @@ def get_config(arg=None):
     config.model.num_res_blocks = 1
     config.model.num_heads = 2
     config.optimizer.warmup_steps = 10
-    config.loss.perceptual_start_step = 50
+    config.perceptual.start_step = 50
     config.sample.steps = 10
     config.sample.num_samples = 20
     config.sample.batch_size = 32
     config.eval.num_samples = 50
   if "mse" in args:
-    config.loss.perceptual_weight = 0.0
+    config.perceptual.weight = 0.0
   return config

@@ -22,9 +22,9 @@ from selfperc_jax.errors import CheckpointError, CorruptCheckpointError
 # Config sections that fix the shapes of the state; a checkpoint only resumes under the same values.
 SHAPE_KEYS = ("model", "data.image_size", "data.name")
 # Keys inside those sections that change how the model computes, not what it holds.
-NON_SHAPE_KEYS = ("model.dtype", "model.remat", "model.dropout")
+NON_SHAPE_KEYS = ("model.dtype", "model.remat", "model.dropout", "model.attention")
 # Keys added after checkpoints were already written: a saved config without them had these values.
-ADDED_KEY_DEFAULTS = {"model.head_channels": 0}
+ADDED_KEY_DEFAULTS = {"model.head_channels": 0, "model.attention": "auto", "optimizer.accumulate_steps": 1}
 
 
 def checkpoint_dir(path: str) -> str:

@@ -11,6 +11,33 @@ import math
 import jax
 from jax.extend import core as jex_core
 
+# Dense bf16 peak FLOP/s per chip (vendor figures), for MFU.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+}
+
+
+def peak_flops(device) -> float | None:
+  """The device's dense bf16 peak FLOP/s, or None when it is not in PEAK_FLOPS (e.g. a CPU)."""
+  kind = getattr(device, "device_kind", "")
+  for name, value in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return value
+  return None
+
+
+def lowered_flops(lowered) -> float | None:
+  """XLA's FLOP count of a lowered (not yet partitioned) program: the whole computation over all devices."""
+  try:
+    cost = lowered.cost_analysis()
+  except Exception:  # not every backend offers it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  value = (cost or {}).get("flops")
+  return float(value) if value and value > 0 else None
+
 
 def _conv_flops(eqn) -> int:
   lhs, rhs = (v.aval for v in eqn.invars[:2])

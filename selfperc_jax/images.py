@@ -8,7 +8,6 @@ import uuid
 import zipfile
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from selfperc_jax import fileio
 
@@ -25,8 +24,11 @@ def to_uint8_device(images):
   return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
-def class_grid(images_u8: np.ndarray, labels: np.ndarray, min_cell: int = 32, pad: int = 2) -> Image.Image:
-  """One row per class (in label order), each row headed by its class number; small images are upscaled."""
+def class_grid(images_u8: np.ndarray, labels: np.ndarray, min_cell: int = 32, pad: int = 2):
+  """One row per class (in label order), each row headed by its class number; small images are upscaled (a PIL
+  image; Pillow is imported here, so that training and the benchmarks import without it)."""
+  from PIL import Image, ImageDraw
+
   n, h, w, c = images_u8.shape
   scale = max(1, -(-min_cell // max(h, w)))
   cell_h, cell_w = h * scale + pad, w * scale + pad

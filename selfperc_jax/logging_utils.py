@@ -23,8 +23,10 @@ def _format_duration(seconds: float) -> str:
 
 
 class MetricLogger:
-  def __init__(self, workdir: str, total_steps: int, batch_size: int, enabled: bool = True):
+  def __init__(self, workdir: str, total_steps: int, batch_size: int, enabled: bool = True,
+               peak_flops: float | None = None):
     self.enabled = enabled
+    self.peak_flops = peak_flops
     self.total_steps = total_steps
     self.batch_size = batch_size
     self.path = fileio.join(workdir, "metrics.jsonl")
@@ -53,13 +55,18 @@ class MetricLogger:
   def start(self, step: int) -> None:
     self._last_time, self._last_step = time.perf_counter(), step
 
-  def write(self, step: int, metrics: dict) -> dict:
+  def write(self, step: int, metrics: dict, step_flops: float | None = None) -> dict:
+    """step_flops: XLA's FLOPs per device of one step, for TFLOP/s per device and (with a known peak) MFU."""
     now = time.perf_counter()
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
     if self._last_time is not None and step > self._last_step:
       steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
       record["steps_per_s"] = steps_per_s
-      record["examples_per_s"] = steps_per_s * self.batch_size
+      record["images_per_s"] = steps_per_s * self.batch_size
+      if step_flops:
+        record["tflops_per_device"] = step_flops * steps_per_s / 1e12
+        if self.peak_flops:
+          record["mfu"] = step_flops * steps_per_s / self.peak_flops
     self._last_time, self._last_step = now, step
     if not self.enabled:
       return record
@@ -68,8 +75,11 @@ class MetricLogger:
       self._writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
     eta = ""
     if "steps_per_s" in record:
-      eta = f" | {record['steps_per_s']:.2f} steps/s | ETA {_format_duration((self.total_steps - step) / record['steps_per_s'])}"
-    terms = " ".join(f"{k} {record[k]:.4g}" for k in ("loss", "loss_mse", "loss_sp") if k in record)
+      rate = record["steps_per_s"]
+      mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
+      eta = (f" | {rate:.2f} steps/s, {record['images_per_s']:.0f} img/s{mfu} | "
+             f"ETA {_format_duration((self.total_steps - step) / rate)}")
+    terms = " ".join(f"{k} {record[k]:.4g}" for k in ("loss", "loss_mse", "loss_perceptual") if k in record)
     print(f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) {terms}{eta}", flush=True)
     return record
 

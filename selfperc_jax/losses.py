@@ -40,6 +40,15 @@ def mse_loss(pred, x0, eps, alpha, sigma, prediction, weight=None):
   return jnp.mean(per_example)
 
 
+def draw_t_prime_eps(key, schedule: diffusion.Schedule, shape, dtype, noise: str, t_min: float = 0.0,
+                     t_max: float = 1.0):
+  """The self-perceptual term's draws for a batch of `shape`: t' per example, and the fresh eps' of noise='shared'
+  (None for 'paper', which reuses eps and eps_hat)."""
+  key_t, key_eps = jax.random.split(key)
+  t_prime = schedule.sample_t(key_t, (shape[0],), t_min, t_max)
+  return t_prime, (jax.random.normal(key_eps, shape, dtype) if noise == "shared" else None)
+
+
 def self_perceptual_loss(
     features_fn: FeaturesFn,
     schedule: diffusion.Schedule,
@@ -54,6 +63,8 @@ def self_perceptual_loss(
     t_min: float = 0.0,
     t_max: float = 1.0,
     fused: bool = True,
+    t_prime: jax.Array | None = None,
+    eps_prime: jax.Array | None = None,
 ):
   """MSE between the perceptual copy's features of the real and of the predicted image, both noised to t'.
 
@@ -65,16 +76,19 @@ def self_perceptual_loss(
   fused=True runs both branches through the copy as one 2B batch (best utilisation of wide accelerators); its
   backward then also spans the real half, whose cotangent is zero. fused=False runs the real branch on its own,
   so only the predicted half is differentiated: fewer FLOPs (3 instead of 4 encoder passes of B examples).
+
+  t_prime (and, for noise='shared', eps_prime) may be given instead of being drawn from `key`: the step draws them
+  for the whole batch, so that a batch split into micro-batches sees the same draws (`draw_t_prime_eps`).
   """
   if noise not in NOISE_VARIANTS:
-    raise ValueError(f"loss.perceptual_noise={noise!r} is not known; choose one of {NOISE_VARIANTS}.")
-  key_t, key_eps = jax.random.split(key)
-  t_prime = schedule.sample_t(key_t, (x0.shape[0],), t_min, t_max)
+    raise ValueError(f"perceptual.noise={noise!r} is not known; choose one of {NOISE_VARIANTS}.")
+  if t_prime is None:
+    t_prime, eps_prime = draw_t_prime_eps(key, schedule, x0.shape, x0.dtype, noise, t_min, t_max)
   alpha, sigma = schedule.alpha_sigma(t_prime)
   if noise == "paper":
     eps_real, eps_pred = eps, eps_hat
   else:
-    eps_real = eps_pred = jax.random.normal(key_eps, x0.shape, x0.dtype)
+    eps_real = eps_pred = eps_prime
   x_real = jax.lax.stop_gradient(diffusion.q_sample(x0, eps_real, alpha, sigma))
   x_pred = diffusion.q_sample(x0_hat, eps_pred, alpha, sigma)
 

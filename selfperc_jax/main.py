@@ -7,6 +7,11 @@ import sys
 
 # TensorFlow (imported by the TensorBoard writer) prints C++ start-up chatter unless told otherwise.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# On a CPU-only machine JAX makes one device of all cores, and XLA spreads the small convolutions of a model like
+# the digits U-Net badly over them: split into 8 devices (the batch data-parallel over them) a digits step took
+# 312 ms instead of 580 ms on 2 cores (BENCHMARKS.md). Only the host platform is affected; accelerators are not.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -44,13 +49,17 @@ def _flag_error(e: Exception) -> str:
     key = next((a.split("=", 1)[0][len("--config."):] for a in sys.argv if a.startswith("--config.")
                 and lines and lines[0].strip("'") in a.split("=", 1)[0]), lines[0] if lines else "?")
     hint = next((l for l in lines if l.startswith("Did you mean")), "")
+    from selfperc_jax import validation  # only on this error path: it imports JAX
+    renamed = validation.renamed_message(key)
+    if renamed:
+      return renamed
     return f"unknown config key {key}. {hint}".strip() + " (python -m selfperc_jax.main --helpfull lists the keys)"
   lines = [l.strip() for l in text.splitlines() if l.strip()]
   causes = [l for l in lines if l.startswith(("ValueError:", "KeyError:", "TypeError:"))]
   return (causes[-1].split(": ", 1)[1] if causes else lines[-1] if lines else type(e).__name__)
 
 
-def _parse_flags(argv):
+def parse_flags(argv):
   """absl's flag parsing, with every mistake in --config (file, argument, key, value) as one error line, exit 2."""
   try:
     rest = FLAGS(argv)
@@ -63,27 +72,41 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def configure_logging() -> None:
   if not FLAGS["verbosity"].present:
     # Orbax and TensorFlow log every save at INFO; the run's own progress goes to stdout. -v 0 brings them back.
     logging.set_verbosity(logging.WARNING)
-  # Imported here so that `--help` and flag errors come back before JAX starts up.
-  from selfperc_jax import distributed, modes, train
+
+
+def run_reporting_errors(job) -> None:
+  """Starts jax.distributed as the flags say, then runs job(); a UserError becomes one "error:" line, exit 2."""
+  from selfperc_jax import distributed  # imported here so that `--help` and flag errors come back before JAX starts
 
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed)
+    job()
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  configure_logging()
+
+  def job():
+    from selfperc_jax import modes, train
+
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
       modes.sample_from_checkpoint(FLAGS.config, FLAGS.workdir)
     else:
       modes.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+
+  run_reporting_errors(job)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

@@ -11,7 +11,7 @@ from selfperc_jax.errors import CheckpointError
 from selfperc_jax.train import Setup, check_compatible
 
 
-def _latest_sampling_params(setup: Setup):
+def latest_sampling_params(setup: Setup):
   """(step, sampling-EMA params) of the workdir's latest checkpoint, placed on the current mesh."""
   ckpt_dir = fileio.join(setup.workdir, "checkpoints")
   if not fileio.isdir(ckpt_dir):
@@ -40,7 +40,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """Scores the workdir's latest checkpoint; the metrics go to workdir/eval/step_<STEP>.json under the setting
   (returned on process 0)."""
   setup = Setup(config, workdir, with_data=False)
-  latest, params = _latest_sampling_params(setup)
+  latest, params = latest_sampling_params(setup)
   return setup.evaluator()(params, latest)
 
 
@@ -48,7 +48,7 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> s
   """Samples from the sampling EMA of the workdir's latest checkpoint with config.sample.*; returns the PNG path
   (on process 0). Any number of samples: they are drawn chunk by chunk and streamed into the .npz."""
   setup = Setup(config, workdir, with_data=False)
-  latest, params = _latest_sampling_params(setup)
+  latest, params = latest_sampling_params(setup)
   s = config.sample
   name = f"step_{latest}_{generate.setting_name(s)}"
   # A name per setting, so that sampling never overwrites the training-time grids or another setting's samples.

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from selfperc_jax import (checkpoint, data, diffusion, fileio, generate, sharding, step as step_lib,
+from selfperc_jax import (checkpoint, data, diffusion, fileio, flops, generate, sharding, step as step_lib,
                           validation)
 from selfperc_jax.errors import CheckpointError, CorruptCheckpointError, UserError
 from selfperc_jax.evaluation import evaluate
@@ -42,15 +42,30 @@ class Setup:
     self.state_sharding = sharding.state_shardings(self.mesh, abstract_state, config.mesh.get("fsdp_min_size", 1024))
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_sharding)
-    self._step_fns = {}
+    self._step_fns, self._step_flops = {}, {}
 
   def step_fn(self, step: int):
     """The jitted train step for 0-based step `step`: one compilation per phase (MSE pre-training, perceptual)."""
-    active = step_lib.perceptual_phase(self.config, step)
-    if active not in self._step_fns:
-      fn = step_lib.make_train_step(self.config, self.model, self.schedule, self.tx, perceptual_active=active)
-      self._step_fns[active] = sharding.jit_train_step(fn, self.mesh, self.state_sharding)
-    return self._step_fns[active]
+    phase = step_lib.perceptual_phase(self.config, step)
+    if phase not in self._step_fns:
+      fn = step_lib.make_train_step(self.config, self.model, self.schedule, self.tx, phase=phase)
+      self._step_fns[phase] = sharding.jit_train_step(fn, self.mesh, self.state_sharding)
+    return self._step_fns[phase]
+
+  def step_flops(self, step: int) -> float | None:
+    """XLA's FLOPs per device of the train step of `step`'s phase (the lowered program's cost analysis over the
+    device count; nothing is compiled for it), or None where the backend does not count them."""
+    phase = step_lib.perceptual_phase(self.config, step)
+    if phase not in self._step_flops:
+      batch = sharding.batch_sharding(self.mesh)
+      b = self.config.batch_size
+      abstract_batch = {"image": jax.ShapeDtypeStruct((b,) + tuple(self.image_shape), jnp.float32, sharding=batch),
+                        "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch)}
+      key = jax.eval_shape(lambda: jax.random.key(0))
+      key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
+      total = flops.lowered_flops(self.step_fn(step).lower(self.abstract_state, abstract_batch, key))
+      self._step_flops[phase] = None if total is None else total / self.mesh.size
+    return self._step_flops[phase]
 
   def generator(self, embed_fn=None, embed_variables=None) -> generate.Generator:
     """Draws samples chunk by chunk over the mesh as config.sample says (with embed_fn: their features too)."""
@@ -92,17 +107,22 @@ def _open_init_source(setup: Setup) -> tuple[checkpoint.Checkpointer, int]:
 
 
 def _init_from(setup: Setup, state, src: checkpoint.Checkpointer, step: int):
-  """Online params (and the copy, which starts from them) and the sampling EMA from another run's checkpoint."""
+  """Online params and the sampling EMA from another run's checkpoint; the copy from its perceptual.copy_source."""
   target = {"params": setup.abstract_state.params, "ema_params": setup.abstract_state.ema_params}
   restored, _ = src.restore(step, target, partial=True)
   src.close()
-  print(f"initialised from {src.directory} (step {step})", flush=True)
-  copy = restored["params"] if state.perceptual_params is not None else None
+  copy = None
+  if state.perceptual_params is not None:
+    source = restored["ema_params" if setup.config.perceptual.copy_source == "ema" else "params"]
+    copy = jax.tree.map(lambda x: x.copy(), source)  # its own buffers: the step donates every array of the state
+  print(f"initialised from {src.directory} (step {step})"
+        + (f"; the perceptual copy from its {setup.config.perceptual.copy_source} params" if copy is not None else ""),
+        flush=True)
   return state.replace(params=restored["params"], ema_params=restored["ema_params"], perceptual_params=copy)
 
 
 # Config values that decide what the train state holds besides the model (the model's own are checkpoint.SHAPE_KEYS).
-STATE_LAYOUT_KEYS = ("loss.perceptual_weight", "perceptual.share_with_sampling_ema", "optimizer.grad_clip")
+STATE_LAYOUT_KEYS = ("perceptual.weight", "perceptual.share_with_sampling_ema", "optimizer.grad_clip")
 
 
 def check_resume_config(setup: Setup, saved: dict, step: int) -> dict:
@@ -113,7 +133,7 @@ def check_resume_config(setup: Setup, saved: dict, step: int) -> dict:
     return {}
   then = ml_collections.ConfigDict(setup.config.to_dict())  # the config as the checkpoint was trained with it
   for key, (old, now) in changed.items():
-    if old is not None:  # (keys a checkpoint predates keep today's values)
+    if old is not None and now is not None:  # (keys a checkpoint predates, or since removed, keep today's values)
       *parents, leaf = key.split(".")
       node = then
       for p in parents:
@@ -318,14 +338,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
   """
   setup = Setup(config, workdir)
   fileio.makedirs(setup.workdir)
-  lock = _lock_workdir(setup.workdir)
+  lock = lock_workdir(setup.workdir)
   try:
     return _train(setup, num_steps)
   finally:
     lock.release()
 
 
-def _lock_workdir(workdir: str) -> WorkdirLock:
+def lock_workdir(workdir: str) -> WorkdirLock:
   """Process 0 takes the workdir's lock; every process stops, with its message, if it cannot."""
   lock, error = WorkdirLock(workdir), ""
   if jax.process_index() == 0:
@@ -352,7 +372,8 @@ def _train(setup: Setup, num_steps: int | None) -> dict | None:
     ckpt.close()
     return None
   logger = outputs.logger = MetricLogger(setup.workdir, config.total_steps, config.batch_size,
-                                         enabled=jax.process_index() == 0)
+                                         enabled=jax.process_index() == 0,
+                                         peak_flops=flops.peak_flops(setup.mesh.devices.flat[0]))
   dropped = logger.drop_rows_after(start)
   if dropped:
     print(f"metrics.jsonl: dropped {dropped} row(s) past step {start}, logged before the run was stopped; those "
@@ -373,8 +394,10 @@ def _train(setup: Setup, num_steps: int | None) -> dict | None:
   stop = config.total_steps if num_steps is None else min(config.total_steps, start + num_steps)
   preemption = PreemptionWatcher()
   guard = NonFiniteGuard(config.on_nonfinite)
+  profiler = Profiler(config.profile, setup.workdir)
   try:
     for step in range(start, stop):
+      profiler.before(step)
       batch = sharding.global_batch(next(setup.pipeline), setup.mesh)
       state, metrics = setup.step_fn(step)(state, batch, step_key)
       done = step + 1
@@ -392,17 +415,46 @@ def _train(setup: Setup, num_steps: int | None) -> dict | None:
       due = [] if preempted else outputs.due(done)
       if log or save or due:
         guard.check(ckpt)  # before anything of this step is logged, saved or sampled
+      profiler.after(done, metrics)
       if log:
         metrics = jax.device_get(metrics)
         metrics["learning_rate"] = setup.lr_schedule(step)
-        last = logger.write(done, metrics)
+        last = logger.write(done, metrics, step_flops=setup.step_flops(step))
       if save:
         ckpt.save(done, state, setup.pipeline.get_state(), config)
       outputs.write(state.ema_params, done, due)
       if done == stop:
         break
   finally:
+    profiler.close()
     preemption.close()
     ckpt.close()
     logger.close()
   return last
+
+
+class Profiler:
+  """A jax.profiler trace of steps [profile.start_step, + profile.steps) on process 0, written to workdir/profile
+  for TensorBoard's profile plugin (`tensorboard --logdir WORKDIR/profile`)."""
+
+  def __init__(self, profile_cfg, workdir: str):
+    self.start, self.stop = int(profile_cfg.start_step), int(profile_cfg.start_step) + int(profile_cfg.steps)
+    self.enabled = int(profile_cfg.steps) > 0 and jax.process_index() == 0
+    self.directory, self.active = fileio.join(workdir, "profile"), False
+
+  def before(self, step: int) -> None:
+    if self.enabled and step == self.start and not self.active:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, done: int, outputs) -> None:
+    if self.active and done >= self.stop:
+      jax.block_until_ready(outputs)  # the traced steps' device work, not only their dispatch
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      print(f"profile of steps {self.start}..{self.stop - 1}: {self.directory} (tensorboard --logdir "
+            f"{self.directory})", flush=True)

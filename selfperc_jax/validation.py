@@ -17,7 +17,48 @@ def _one_of(value, choices, key: str) -> None:
   _require(value in choices, f"{key}={value!r} is not known; choose one of {tuple(choices)}.")
 
 
+# Branches of the paper's comparison (python -m selfperc_jax.experiments), continued from one MSE pre-training.
+BRANCHES = ("mse", "perceptual", "mse_perceptual", "perceptual_ema", "perceptual_online")
+
+# Config keys renamed when the perceptual settings moved into one section: old dotted name -> new one.
+RENAMED = {
+    "loss.mse_weight": "perceptual.mse_weight",
+    "loss.perceptual_weight": "perceptual.weight",
+    "loss.perceptual_start_step": "perceptual.start_step",
+    "loss.perceptual_ramp_steps": "perceptual.ramp_steps",
+    "loss.perceptual_noise": "perceptual.noise",
+    "loss.perceptual_condition": "perceptual.condition",
+    "loss.perceptual_taps": "perceptual.taps",
+    "loss.perceptual_fused": "perceptual.fused",
+    "loss.t_prime_min": "perceptual.t_prime_min",
+    "loss.t_prime_max": "perceptual.t_prime_max",
+    "perceptual.ema_decay": "perceptual.copy_ema_decay",
+    "ema.decay": "sampling_ema.decay",
+}
+
+
+def renamed_message(old: str) -> str | None:
+  """The error text for a config key that was renamed (None for any other key)."""
+  for key, new in RENAMED.items():
+    if old == key or old.startswith(key + "."):
+      return (f"config key {key} was renamed to {new} (the perceptual settings live in perceptual.*, the sampling "
+              f"EMA in sampling_ema.*): use --config.{new}, or rename it in your config file.")
+  return None
+
+
+def _check_renamed(config) -> None:
+  for key in RENAMED:
+    node = config
+    for part in key.split("."):
+      node = node.get(part) if hasattr(node, "get") else None
+      if node is None:
+        break
+    else:
+      raise ConfigError(renamed_message(key))
+
+
 def validate(config) -> None:
+  _check_renamed(config)
   for key in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
     _require(int(config[key]) >= 1, f"{key}={config[key]} must be a positive integer.")
   _one_of(config.on_nonfinite, ("stop", "skip"), "on_nonfinite")
@@ -33,6 +74,7 @@ def validate(config) -> None:
   _require(m.num_classes >= 1, f"model.num_classes={m.num_classes} must be >= 1.")
   _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
   _one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
+  _one_of(m.attention, ("auto", "xla", "cudnn"), "model.attention")
   _require(m.head_channels >= 0, f"model.head_channels={m.head_channels} must be >= 0 (0: use model.num_heads).")
   for i, mult in enumerate(m.channel_mult):
     what, per = ("model.head_channels", m.head_channels) if m.head_channels else ("model.num_heads", m.num_heads)
@@ -57,30 +99,51 @@ def validate(config) -> None:
            "cannot be recovered from eps. Use prediction 'v' (recommended) or 'x0'.")
 
   lc = config.loss
-  _require(lc.mse_weight >= 0 and lc.perceptual_weight >= 0,
-           f"loss.mse_weight={lc.mse_weight} and loss.perceptual_weight={lc.perceptual_weight} must be >= 0.")
-  _require(lc.mse_weight > 0 or lc.perceptual_weight > 0,
-           "loss.mse_weight and loss.perceptual_weight are both 0: there is nothing to train.")
   _require(lc.min_snr_gamma >= 0, f"loss.min_snr_gamma={lc.min_snr_gamma} must be >= 0 (0 turns it off).")
-  _require(lc.perceptual_start_step >= 0 and lc.perceptual_ramp_steps >= 0,
-           "loss.perceptual_start_step and loss.perceptual_ramp_steps must be >= 0.")
-  _one_of(lc.perceptual_noise, losses.NOISE_VARIANTS, "loss.perceptual_noise")
-  _one_of(lc.perceptual_condition, ("same", "null"), "loss.perceptual_condition")
-  taps = unet.tap_names(len(m.channel_mult))
-  _require(len(lc.perceptual_taps) >= 1 and all(t in taps for t in lc.perceptual_taps),
-           f"loss.perceptual_taps={tuple(lc.perceptual_taps)} must name taps of this U-Net: {taps}.")
-  _require(0.0 <= lc.t_prime_min < lc.t_prime_max <= 1.0,
-           f"need 0 <= loss.t_prime_min < loss.t_prime_max <= 1, got {lc.t_prime_min} and {lc.t_prime_max}.")
   _require(0.0 <= lc.label_dropout < 1.0, f"loss.label_dropout={lc.label_dropout} must be in [0, 1).")
 
-  for key, value in (("ema.decay", config.ema.decay), ("perceptual.ema_decay", config.perceptual.ema_decay)):
+  p = config.perceptual
+  _require(p.weight >= 0 and p.mse_weight >= 0,
+           f"perceptual.weight={p.weight} and perceptual.mse_weight={p.mse_weight} must be >= 0.")
+  _require(int(p.start_step) >= 0 and int(p.ramp_steps) >= 0,
+           "perceptual.start_step and perceptual.ramp_steps must be >= 0.")
+  _require(not (p.weight > 0 and p.mse_weight == 0 and p.start_step == 0 and not config.init_from),
+           "perceptual.mse_weight=0 with perceptual.start_step=0 and no init_from trains against the features of a "
+           "random network. Pre-train first (perceptual.start_step > 0), start from a trained model "
+           "(--config.init_from=<workdir>), or keep the MSE term (perceptual.mse_weight > 0).")
+  _one_of(p.copy_source, ("ema", "online"), "perceptual.copy_source")
+  _require(isinstance(p.share_with_sampling_ema, bool) and isinstance(p.fused, bool),
+           "perceptual.share_with_sampling_ema and perceptual.fused must be True or False.")
+  _one_of(p.noise, losses.NOISE_VARIANTS, "perceptual.noise")
+  _one_of(p.condition, ("same", "null"), "perceptual.condition")
+  taps = unet.tap_names(len(m.channel_mult))
+  _require(len(p.taps) >= 1 and all(t in taps for t in p.taps),
+           f"perceptual.taps={tuple(p.taps)} must name taps of this U-Net: {taps}.")
+  _require(0.0 <= p.t_prime_min < p.t_prime_max <= 1.0,
+           f"need 0 <= perceptual.t_prime_min < perceptual.t_prime_max <= 1, got {p.t_prime_min} and {p.t_prime_max}.")
+  for key, value in (("sampling_ema.decay", config.sampling_ema.decay),
+                     ("perceptual.copy_ema_decay", p.copy_ema_decay)):
     _require(0.0 <= value <= 1.0, f"{key}={value} must be in [0, 1].")
+
+  _require(int(config.profile.start_step) >= 0 and int(config.profile.steps) >= 0,
+           "profile.start_step and profile.steps must be >= 0 (profile.steps=0: no trace).")
+
+  e = config.experiment
+  _require(len(e.branches) >= 1 and len(set(e.branches)) == len(e.branches)
+           and all(b in BRANCHES for b in e.branches),
+           f"experiment.branches={tuple(e.branches)} must be distinct names from {BRANCHES}.")
+  _require(len(e.guidance_scales) >= 1 and all(g >= 0 for g in e.guidance_scales),
+           f"experiment.guidance_scales={tuple(e.guidance_scales)} must be one or more scales >= 0 (1: no guidance).")
+  _require(0 <= e.guidance_rescale <= 1, f"experiment.guidance_rescale={e.guidance_rescale} must be in [0, 1].")
 
   o = config.optimizer
   _require(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be > 0.")
   _require(o.warmup_steps >= 0 and o.grad_clip >= 0 and o.weight_decay >= 0,
            "optimizer.warmup_steps, optimizer.grad_clip and optimizer.weight_decay must be >= 0.")
   _one_of(o.decay, ("cosine", "constant"), "optimizer.decay")
+  _require(int(o.accumulate_steps) >= 1 and config.batch_size % int(o.accumulate_steps) == 0,
+           f"optimizer.accumulate_steps={o.accumulate_steps} must be >= 1 and divide batch_size={config.batch_size} "
+           "(the batch is split into that many equal micro-batches).")
   for key in ("b1", "b2"):
     _require(0.0 <= o[key] < 1.0, f"optimizer.{key}={o[key]} must be in [0, 1) (Adam's moment decay, e.g. 0.9 / 0.999).")
 

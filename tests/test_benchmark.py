@@ -66,12 +66,12 @@ def _reference_mse_step(config, model, schedule, tx):
     def loss_fn(params):
       pred = model.apply({"params": params}, x_t, t, labels, train=True, rngs={"dropout": k_dropout})
       loss = losses.mse_loss(pred, x0, eps, alpha, sigma, config.diffusion.prediction)
-      return cfg.mse_weight * loss, {"loss_mse": loss}
+      return loss, {"loss_mse": loss}
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = jnp.minimum(config.ema.decay, (1.0 + state.step) / (10.0 + state.step))
+    decay = jnp.minimum(config.sampling_ema.decay, (1.0 + state.step) / (10.0 + state.step))
     ema = jax.tree.map(lambda o, n: decay * o + (1 - decay) * n, state.ema_params, params)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
     return new_state, dict(terms, loss=loss, grad_norm=optax.tree.norm(grads), perceptual_weight=jnp.float32(0))
@@ -107,7 +107,7 @@ def test_remat_recomputes_blocks_and_gives_the_same_step(tiny):
   results = {}
   for remat in (False, True):
     tiny.model.remat = remat
-    tiny.loss.perceptual_start_step = 0
+    tiny.perceptual.start_step = 0
     setup = train.Setup(tiny, "/nonexistent", with_data=False)
     state = setup.init_state(jax.random.key(0))
     for i in range(3):
@@ -134,3 +134,28 @@ def test_analytic_plan_counts_without_compiling(tiny):
   assert double["step_tflops_sp"] == pytest.approx(2 * plan["step_tflops_sp"])
   # float32 params, two Adam moments, the sampling EMA and the perceptual copy: five copies of the params
   assert plan["state_gb"] == pytest.approx(5 * 4 * plan["params"] / 1e9, rel=1e-3)
+
+
+def test_device_benchmark_finds_the_batch_that_fits_and_writes_its_rows(tiny, monkeypatch):
+  from benchmarks import device
+
+  real = step_time.Variant
+
+  def variant(config, perceptual, seed=0):
+    if config.batch_size > 8:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+    return real(config, perceptual, seed)
+
+  monkeypatch.setattr(step_time, "Variant", variant)
+  result = device.run(tiny, batches=[16, 8], variants=["fused", "float32"], steps=1, rounds=1, budget_s=1e9)
+  assert result["notes"] == ["batch 16: out of memory"]
+  base, fused, f32 = result["rows"]
+  assert base["batch"] == fused["batch"] == 8 and base["variant"] == "as configured"
+  assert base["fused"] is False and fused["fused"] is True and f32["dtype"] == "float32"
+  # The bound counts 3 encoder passes for the unfused copy: (3F + 3E) / 3F, between 1 and 2.
+  assert 1 < base["bound"] < 2 and base["ratio"] == pytest.approx(base["step_ms_sp"] / base["step_ms_mse"])
+  assert fused["xla_tflops_sp"] > base["xla_tflops_sp"]  # the fused pass differentiates the real half too
+  text = device.markdown(result, "configs/digits.py:tiny")
+  assert "| as configured | 8 | float32 | False | auto |" in text and "batch 16: out of memory" in text
+  over = device.run(tiny, batches=[8], variants=["fused"], steps=1, rounds=1, budget_s=0)
+  assert over["rows"][-1] == {"variant": "fused", "skipped": "time budget of 0 s spent"}

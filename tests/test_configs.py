@@ -31,7 +31,7 @@ def test_every_variant_is_valid_and_has_the_common_keys(name, arg):
 
 def test_imagenet256_defaults_to_the_pod_slice_and_rejects_unknown_arguments():
   assert load_config("imagenet256").to_dict() == load_config("imagenet256", "tpu").to_dict()
-  assert load_config("imagenet256", "tpu,mse").loss.perceptual_weight == 0.0
+  assert load_config("imagenet256", "tpu,mse").perceptual.weight == 0.0
   for bad in ("v4", "tpu,gpu", "gpu,tiny"):
     with pytest.raises(ValueError, match="imagenet256.py"):
       load_config("imagenet256", bad)

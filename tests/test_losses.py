@@ -100,7 +100,7 @@ def test_shared_noise_zero_for_exact_x0_whatever_eps_hat(params):
 
 def test_unknown_noise_variant_raises(model, params):
   x0, x0_hat, eps, eps_hat, labels = _arrays(0)
-  with pytest.raises(ValueError, match="perceptual_noise"):
+  with pytest.raises(ValueError, match="perceptual.noise"):
     losses.self_perceptual_loss(_features_fn(model, params), SCHEDULE, KEY, x0, x0_hat, eps, eps_hat, labels,
                                 noise="fresh")
   assert losses.NOISE_VARIANTS == ("paper", "shared")

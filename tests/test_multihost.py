@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO
 
 OVERRIDES = ["--config.total_steps=6", "--config.log_every=1", "--config.sample_every=6", "--config.eval_every=6",
-             "--config.checkpoint_every=3", "--config.loss.perceptual_start_step=3",
+             "--config.checkpoint_every=3", "--config.perceptual.start_step=3",
              "--config.sample.batch_size=16", "--config.eval.num_samples=40",  # 3 chunks, the last one padded
              "--config.model.channel_mult=(1,)"]  # one level: a smaller program to compile three times
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def _start_two(args, workdir):
 
 def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [{k: v for k, v in json.loads(line).items() if k not in ("steps_per_s", "examples_per_s")} for line in f]
+    return [{k: v for k, v in json.loads(line).items() if k not in ("steps_per_s", "images_per_s", "tflops_per_device")} for line in f]
 
 
 def _files(directory):
@@ -66,7 +66,7 @@ def test_two_processes_equal_one_process_in_every_periodic_action(tmp_path):
   assert "eval at step 6: FID" in outputs[0] and "eval at step 6: FID" not in outputs[1]
   a, b = _rows(single), _rows(multi)
   train_rows = [r for r in b if "loss" in r]
-  assert [r["step"] for r in train_rows] == list(range(1, 7)) and train_rows[-1]["loss_sp"] > 0
+  assert [r["step"] for r in train_rows] == list(range(1, 7)) and train_rows[-1]["loss_perceptual"] > 0
   assert len(a) == len(b)
   for x, y in zip(a, b):
     for k in x:

@@ -31,7 +31,7 @@ def _run(config, num_devices, batches, built=None, fsdp=1):
 @pytest.fixture
 def small_config(digits_config):
   config = digits_config("tiny")
-  config.loss.perceptual_start_step = 2  # two MSE steps, then the snapshot, then self-perceptual steps
+  config.perceptual.start_step = 2  # two MSE steps, then the snapshot, then self-perceptual steps
   config.model.dropout = 0.1  # exercises the dropout RNG under sharding too
   return config
 
@@ -57,7 +57,7 @@ def test_eight_devices_with_fsdp_equal_one_device(small_config):
   small_config.mesh.fsdp_min_size = 64
   batches = _batches(small_config, 4)
   state1, hist1, _ = _run(small_config, 1, batches)
-  assert hist1[-1]["loss_sp"] > 0  # the perceptual term was active in the compared steps
+  assert hist1[-1]["loss_perceptual"] > 0  # the perceptual term was active in the compared steps
   state_f, hist_f, live = _run(small_config, 8, batches, fsdp=4)
   assert len(live.params["in_conv"]["kernel"].sharding.device_set) == 8
   kernel = live.params["enc_1_0"]["conv1"]["kernel"]  # (3, 3, 16, 32): split on its 32 output channels
@@ -100,20 +100,46 @@ def test_multislice_mesh_keeps_each_fsdp_group_inside_one_slice():
     sharding.device_grid(1, 8, devices)
 
 
-def test_perceptual_copy_snapshots_online_params_at_start_then_stays_frozen(small_config):
+@pytest.mark.parametrize("source", ["ema", "online"])
+def test_copy_is_its_source_at_the_start_step_then_stays_frozen(small_config, source):
+  """The paper's setting: from the start step on, the loss is the feature distance alone (perceptual.mse_weight=0)
+  against a copy equal to the chosen source (sampling EMA or online params) at the start step, never changed after."""
+  small_config.perceptual.copy_source = source
+  assert small_config.perceptual.mse_weight == 0.0 and small_config.perceptual.copy_ema_decay == 1.0
   batches = _batches(small_config, 4)
   mesh, make_state, train_step = _build(small_config, 1)
   state = make_state()
-  snapshots = []
+  snapshots, history = [], []
   for i, batch in enumerate(batches):
-    state, _ = train_step(i)(state, sharding.global_batch(batch, mesh), jax.random.key(1))
-    snapshots.append(jax.device_get((state.params, state.perceptual_params)))
+    state, metrics = train_step(i)(state, sharding.global_batch(batch, mesh), jax.random.key(1))
+    snapshots.append(jax.device_get((state.params, state.ema_params, state.perceptual_params)))
+    history.append(jax.device_get(metrics))
   leaf = lambda tree: np.asarray(tree["in_conv"]["kernel"])
-  # After step 1 and 2 (the MSE phase) the copy equals the online params; afterwards it keeps the step-2 value.
-  np.testing.assert_array_equal(leaf(snapshots[0][1]), leaf(snapshots[0][0]))
-  np.testing.assert_array_equal(leaf(snapshots[1][1]), leaf(snapshots[1][0]))
-  np.testing.assert_array_equal(leaf(snapshots[3][1]), leaf(snapshots[1][0]))
+  chosen = 1 if source == "ema" else 0
+  # After steps 1 and 2 (the MSE phase) the copy equals its source; afterwards it keeps the value of step 2.
+  for i in (0, 1):
+    np.testing.assert_array_equal(leaf(snapshots[i][2]), leaf(snapshots[i][chosen]))
+  np.testing.assert_array_equal(leaf(snapshots[3][2]), leaf(snapshots[1][chosen]))
+  assert not np.array_equal(leaf(snapshots[1][0]), leaf(snapshots[1][1]))  # EMA and online differ: the choice matters
   assert not np.array_equal(leaf(snapshots[3][0]), leaf(snapshots[1][0]))  # while the online params moved on
+  for m in history[:2]:  # MSE pre-training: the MSE loss alone
+    assert m["loss"] == m["loss_mse"] and m["loss_perceptual"] == 0.0 and m["perceptual_weight"] == 0.0
+  for m in history[2:]:  # then the feature distance alone, whatever the MSE would be
+    assert m["loss"] == pytest.approx(m["loss_perceptual"], rel=1e-6) and m["loss_mse"] > 0
+
+
+def test_copy_with_decay_below_one_follows_the_online_params(small_config):
+  small_config.perceptual.copy_ema_decay = 0.5
+  small_config.perceptual.copy_source = "online"
+  batches = _batches(small_config, 3)
+  mesh, make_state, train_step = _build(small_config, 1)
+  state = make_state()
+  for i, batch in enumerate(batches):
+    before = jax.device_get(state.perceptual_params)
+    state, _ = train_step(i)(state, sharding.global_batch(batch, mesh), jax.random.key(1))
+  after, online = jax.device_get((state.perceptual_params, state.params))
+  leaf = lambda tree: np.asarray(tree["in_conv"]["kernel"])
+  np.testing.assert_allclose(leaf(after), 0.5 * leaf(before) + 0.5 * leaf(online), rtol=1e-6, atol=1e-7)
 
 
 def test_mse_only_step_has_no_copy_and_no_perceptual_term(digits_config):
@@ -121,7 +147,7 @@ def test_mse_only_step_has_no_copy_and_no_perceptual_term(digits_config):
   batches = _batches(config, 2)
   _, hist, state = _run(config, 1, batches)
   assert state.perceptual_params is None
-  assert "loss_sp" not in hist[0]
+  assert "loss_perceptual" not in hist[0]
   np.testing.assert_allclose(hist[0]["loss"], hist[0]["loss_mse"])
 
 
@@ -130,11 +156,11 @@ def test_shared_copy_uses_the_sampling_ema(small_config):
   small_config.perceptual.share_with_sampling_ema = True
   _, hist, state = _run(small_config, 1, _batches(small_config, 3))
   assert state.perceptual_params is None
-  assert hist[-1]["loss_sp"] > 0
+  assert hist[-1]["loss_perceptual"] > 0
 
 
 def test_perceptual_weight_schedule():
-  cfg = ml_collections.ConfigDict(dict(perceptual_weight=2.0, perceptual_start_step=10, perceptual_ramp_steps=4))
+  cfg = ml_collections.ConfigDict(dict(weight=2.0, start_step=10, ramp_steps=4))
   w = [float(step_lib.perceptual_weight(cfg, s)) for s in (0, 9, 10, 11, 13, 100)]
   assert w == pytest.approx([0.0, 0.0, 0.5, 1.0, 2.0, 2.0])
 
@@ -154,7 +180,7 @@ def test_learning_rate_warms_up_then_decays(digits_config):
 def test_label_dropout_reaches_the_null_class(small_config, label_dropout):
   """With label dropout ~1 every example trains unconditionally, so the class labels no longer change the loss."""
   small_config.loss.label_dropout = label_dropout
-  small_config.loss.perceptual_weight = 0.0  # one compiled phase is enough here
+  small_config.perceptual.weight = 0.0  # one compiled phase is enough here
   small_config.optimizer.warmup_steps = 0  # the first step must already move the params
   batches = _batches(small_config, 3)
   relabelled = [{"image": b["image"], "label": (b["label"] + 3) % 10} for b in batches]
@@ -166,3 +192,47 @@ def test_label_dropout_reaches_the_null_class(small_config, label_dropout):
     np.testing.assert_allclose(loss, loss_relabelled, rtol=1e-6)
   else:
     assert abs(loss - loss_relabelled) > 1e-6
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_gives_the_full_batch_update(small_config, monkeypatch):
+  """optimizer.accumulate_steps=4 (micro-batches of 8 over 2 devices) trains what one batch of 32 trains, through
+  the MSE step and the self-perceptual step (shared noise: every per-example draw must reach its micro-batch).
+  Plain SGD here: Adam's first steps are sign(g) * lr, which flips on float-rounding noise where g is ~0."""
+  import optax
+
+  monkeypatch.setattr(step_lib, "make_optimizer", lambda config: (optax.sgd(0.1), optax.constant_schedule(0.1)))
+  small_config.perceptual.noise = "shared"
+  small_config.model.dropout = 0.0  # dropout masks are drawn per micro-batch: the one thing that differs
+  small_config.perceptual.mse_weight = 0.5
+  small_config.loss.min_snr_gamma = 5.0
+  batches = _batches(small_config, 3)
+  full_state, full_hist, _ = _run(small_config, 2, batches)
+  small_config.optimizer.accumulate_steps = 4
+  acc_state, acc_hist, _ = _run(small_config, 2, batches)
+  assert full_hist[-1]["loss_perceptual"] > 0
+  _assert_same_run(full_hist, full_state, acc_hist, acc_state)
+
+
+def test_micro_batches_are_strided_slices():
+  x = np.arange(12).reshape(12, 1)
+  parts = np.asarray(step_lib.micro_batches({"x": x}, 3)["x"])
+  assert parts.shape == (3, 4, 1)
+  np.testing.assert_array_equal(parts[1, :, 0], [1, 4, 7, 10])
+
+
+@pytest.mark.slow
+def test_step_flops_are_per_device_and_count_the_perceptual_term(small_config):
+  per_device = {}
+  for devices in (1, 8):
+    setup = train.Setup(_config_with(small_config, devices), "/nonexistent")
+    per_device[devices] = (setup.step_flops(0), setup.step_flops(small_config.perceptual.start_step))
+  (mse1, sp1), (mse8, sp8) = per_device[1], per_device[8]
+  assert mse8 == pytest.approx(mse1 / 8, rel=1e-6) and sp8 == pytest.approx(sp1 / 8, rel=1e-6)
+  assert 1.2 < sp1 / mse1 < 1.6  # the copy's extra encoder passes (analytic bound 1.35 for this layout)
+
+
+def _config_with(config, devices):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.mesh.data, config.mesh.fsdp = devices, 1
+  return config

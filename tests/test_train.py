@@ -24,7 +24,7 @@ def _tiny(get_config, **overrides):
   config.sample_every = 0
   config.eval_every = 12  # once, at the end
   config.eval.num_samples = 20
-  config.loss.perceptual_start_step = 4
+  config.perceptual.start_step = 4
   config.mesh.data = 1
   return override(config, **overrides)
 
@@ -32,7 +32,7 @@ def _tiny(get_config, **overrides):
 def _metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  timing = ("steps_per_s", "examples_per_s")
+  timing = ("steps_per_s", "images_per_s", "tflops_per_device", "mfu")
   return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
 
@@ -67,7 +67,7 @@ def test_resume_equals_uninterrupted_run(trained, tmp_path):
   full, resumed = _metrics(workdir), _metrics(interrupted)
   assert [r["step"] for r in resumed] == list(range(1, 13)) + [12]  # the last row holds the evaluation
   assert set(resumed[-1]) >= {"eval/fid", "eval/class_accuracy", "eval/precision", "eval/recall"}
-  assert any(r["loss_sp"] > 0 for r in full)  # the comparison covers self-perceptual steps
+  assert any(r["loss_perceptual"] > 0 for r in full)  # the comparison covers self-perceptual steps
   for a, b in zip(full, resumed):
     assert a.keys() == b.keys()
     for k in a:
@@ -128,7 +128,7 @@ def _diverging(get_config, **overrides):
   """A learning rate far too high, no clipping: the loss becomes non-finite within a few steps."""
   return _tiny(get_config, **{"optimizer.learning_rate": 1e9, "optimizer.warmup_steps": 0, "optimizer.grad_clip": 0.0,
                               "total_steps": 16, "checkpoint_every": 1, "log_every": 8, "eval_every": 0,
-                              "loss.perceptual_start_step": 100, **overrides})
+                              "perceptual.start_step": 100, **overrides})
 
 
 def _all_params_finite(directory, step, config):
@@ -191,7 +191,7 @@ def test_metrics_keep_one_row_per_step_after_a_resume(trained, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,named", [
-    ({"loss.perceptual_weight": 0.0}, "loss.perceptual_weight=1.0 (now 0.0)"),
+    ({"perceptual.weight": 0.0}, "perceptual.weight=1.0 (now 0.0)"),
     ({"optimizer.grad_clip": 0.0}, "optimizer.grad_clip=1.0 (now 0.0)"),
     ({"perceptual.share_with_sampling_ema": True}, "perceptual.share_with_sampling_ema=False (now True)"),
 ])
@@ -293,9 +293,10 @@ def test_no_restorable_checkpoint_is_an_error_that_changes_nothing(trained, tmp_
   assert _snapshot(broken) == before
 
 
-def test_init_from_starts_from_the_source_params(trained, tmp_path):
+@pytest.mark.parametrize("copy_source", ["ema", "online"])
+def test_init_from_starts_from_the_source_params(trained, tmp_path, copy_source):
   workdir, get_config = trained
-  config = _tiny(get_config, init_from=workdir, total_steps=30)
+  config = _tiny(get_config, init_from=workdir, total_steps=30, **{"perceptual.copy_source": copy_source})
   setup = train.Setup(config, str(tmp_path / "finetune"))
   state, restored = train.restore_or_init(setup, setup.checkpointer(), jax.random.key(123))
   assert restored is None and int(state.step) == 0
@@ -304,7 +305,8 @@ def test_init_from_starts_from_the_source_params(trained, tmp_path):
   for name, tree in (("params", source.params), ("ema_params", source.ema_params)):
     for a, b in zip(jax.tree.leaves(getattr(state, name)), jax.tree.leaves(tree)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
-  for a, b in zip(jax.tree.leaves(state.perceptual_params), jax.tree.leaves(source.params)):
+  copy_of = source.ema_params if copy_source == "ema" else source.params  # the copy from the chosen source
+  for a, b in zip(jax.tree.leaves(state.perceptual_params), jax.tree.leaves(copy_of)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -335,12 +337,17 @@ def test_sample_mode_without_checkpoint_is_refused(digits_config, tmp_path):
     ("mesh.fsdp", 3, "8 devices cannot be split into mesh.fsdp=3 groups"),
     ("diffusion.schedule", "quadratic", "diffusion.schedule='quadratic' is not known"),
     ("diffusion.prediction", "score", "diffusion.prediction='score' is not known"),
-    ("loss.perceptual_noise", "fresh", "loss.perceptual_noise='fresh' is not known"),
-    ("loss.perceptual_condition", "other", "loss.perceptual_condition='other' is not known"),
-    ("loss.perceptual_taps", ("dec0",), "must name taps of this U-Net"),
-    ("loss.t_prime_min", 1.0, "t_prime_min < loss.t_prime_max"),
-    ("loss.mse_weight", -1.0, "must be >= 0"),
-    ("perceptual.ema_decay", 1.5, "perceptual.ema_decay=1.5 must be in"),
+    ("perceptual.noise", "fresh", "perceptual.noise='fresh' is not known"),
+    ("perceptual.condition", "other", "perceptual.condition='other' is not known"),
+    ("perceptual.taps", ("dec0",), "must name taps of this U-Net"),
+    ("perceptual.t_prime_min", 1.0, "t_prime_min < perceptual.t_prime_max"),
+    ("perceptual.mse_weight", -1.0, "must be >= 0"),
+    ("perceptual.copy_ema_decay", 1.5, "perceptual.copy_ema_decay=1.5 must be in"),
+    ("perceptual.copy_source", "best", "perceptual.copy_source='best' is not known"),
+    ("perceptual.fused", 1, "perceptual.fused must be True or False"),
+    ("sampling_ema.decay", -0.5, "sampling_ema.decay=-0.5 must be in"),
+    ("experiment.branches", ("mse", "sp"), "experiment.branches=('mse', 'sp') must be distinct names"),
+    ("experiment.guidance_scales", (), "experiment.guidance_scales=() must be one or more"),
     ("sample.sampler", "euler", "sample.sampler='euler' is not known"),
     ("sample.batch_size", 12, "sample.batch_size=12 must be a multiple of the 8 devices of the mesh (e.g. 16)"),
     ("sample.guidance_rescale", 1.5, "sample.guidance_rescale=1.5 must be in"),
@@ -377,8 +384,10 @@ def _main(*args, timeout=600):
 @pytest.mark.parametrize("args,message", [
     (["--config=configs/digits.py:tiny", "--config.model.base_chanels=8"],
      'unknown config key model.base_chanels. Did you mean "base_channels"'),
-    (["--config=configs/digits.py:tiny", "--config.loss.perceptual_wieght=1"],
-     'unknown config key loss.perceptual_wieght. Did you mean "perceptual_weight"'),
+    (["--config=configs/digits.py:tiny", "--config.perceptual.wieght=1"],
+     'unknown config key perceptual.wieght. Did you mean "weight"'),
+    (["--config=configs/digits.py:tiny", "--config.loss.perceptual_weight=0"],
+     "config key loss.perceptual_weight was renamed to perceptual.weight"),
     (["--config=configs/nothere.py"], "config file configs/nothere.py does not exist"),
     (["--config=configs/digits.py:foo"], "configs/digits.py: unknown argument(s) ['foo']"),
     (["--config=configs/digits.py:tiny", "--config.sample.steps=many"], "flag --config.sample.steps=many: invalid"),
@@ -417,12 +426,16 @@ def test_bad_value_on_the_command_line_is_one_line_without_traceback(tmp_path):
 def test_main_smoke_trains_checkpoints_and_samples(tmp_path):
   """The tiny config through the real entry point on all 8 simulated devices, then the sample mode."""
   workdir = tmp_path / "run"
-  result = _main("--config=configs/digits.py:tiny", f"--workdir={workdir}")
+  result = _main("--config=configs/digits.py:tiny", f"--workdir={workdir}", "--config.profile.start_step=60",
+                 "--config.profile.steps=2")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "step 100/100" in result.stdout
+  traces = [f for _, _, files in os.walk(workdir / "profile") for f in files if f.endswith(".xplane.pb")]
+  assert traces and "profile of steps 60..61" in result.stdout
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  assert rows[-1]["step"] == 100 and rows[-1]["loss_sp"] > 0
-  for key in ("loss", "loss_mse", "loss_sp", "grad_norm", "learning_rate", "steps_per_s", "examples_per_s"):
+  assert rows[-1]["step"] == 100 and rows[-1]["loss_perceptual"] > 0
+  for key in ("loss", "loss_mse", "loss_perceptual", "grad_norm", "learning_rate", "steps_per_s", "images_per_s",
+              "tflops_per_device"):
     assert np.isfinite(rows[-1][key]), key
   assert sorted(os.listdir(workdir / "checkpoints")) == ["100", "50"]
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))

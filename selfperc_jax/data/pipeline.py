@@ -14,7 +14,6 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 
@@ -142,6 +141,8 @@ def build(config, rows: tuple[int, int] | None = None) -> Pipeline:
   if len(source) < config.batch_size:
     raise ConfigError(f"batch_size={config.batch_size} is larger than the {len(source)} examples of data set "
                       f"{config.data.name!r} ({config.data.split}); lower batch_size.")
+  import grain  # here, so that the model, step and benchmarks import without it
+
   order = grain.MapDataset.source(np.arange(len(source))).shuffle(seed=config.seed).repeat()
   # Batching stays in the MapDataset, so a batch is always the same rows whatever the number of worker processes
   # (each worker builds whole batches; grain interleaves them back in order).

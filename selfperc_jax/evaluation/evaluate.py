@@ -154,8 +154,13 @@ def _result_path(eval_dir: str, step: int) -> str:
 
 def has_result(eval_dir: str, step: int, setting: str) -> bool:
   """Whether eval/step_<STEP>.json already holds this setting's metrics."""
+  return read_result(eval_dir, step, setting) is not None
+
+
+def read_result(eval_dir: str, step: int, setting: str) -> dict | None:
+  """This setting's metrics from eval/step_<STEP>.json, or None if it has none."""
   path = _result_path(eval_dir, step)
-  return fileio.exists(path) and setting in json.loads(fileio.read_text(path))
+  return json.loads(fileio.read_text(path)).get(setting) if fileio.exists(path) else None
 
 
 def write_result(eval_dir: str, step: int, setting: str, result: dict) -> str:

@@ -76,6 +76,7 @@ class AttentionBlock(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   head_channels: int = 0
+  implementation: str | None = None  # jax.nn.dot_product_attention's: None (XLA chooses), 'xla' or 'cudnn'
 
   @nn.compact
   def __call__(self, x):
@@ -89,7 +90,7 @@ class AttentionBlock(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     # jax.nn's attention: XLA's fused attention, and cuDNN's flash attention on GPUs where shape and dtype allow,
     # so memory stays linear in the number of positions at 32x32 and above.
-    h = jax.nn.dot_product_attention(q, k, v)
+    h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     h = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj")(h)
     return x + h.reshape(b, hgt, wid, c)
 
@@ -106,6 +107,7 @@ class UNet(nn.Module):
   out_channels: int = 1
   dtype: Any = jnp.float32
   remat: bool = False  # recompute each block's activations in the backward pass (memory for time)
+  attention: str | None = None  # the attention implementation (AttentionBlock.implementation)
 
   @property
   def null_class(self) -> int:
@@ -140,7 +142,7 @@ class UNet(nn.Module):
       for block in range(self.num_res_blocks):
         h = Res(self.base_channels * mult, self.dropout, self.dtype, name=f"enc_{level}_{block}")(h, emb, train)
         if h.shape[1] in self.attention_resolutions:
-          h = Attn(self.num_heads, self.dtype, self.head_channels, name=f"enc_{level}_{block}_attn")(h)
+          h = Attn(self.num_heads, self.dtype, self.head_channels, self.attention, name=f"enc_{level}_{block}_attn")(h)
         skips.append(h)
       if tap(encoder_tap(level), h):
         return found
@@ -150,7 +152,7 @@ class UNet(nn.Module):
 
     mid_channels = h.shape[-1]
     h = Res(mid_channels, self.dropout, self.dtype, name="mid_res_0")(h, emb, train)
-    h = Attn(self.num_heads, self.dtype, self.head_channels, name="mid_attn")(h)
+    h = Attn(self.num_heads, self.dtype, self.head_channels, self.attention, name="mid_attn")(h)
     h = Res(mid_channels, self.dropout, self.dtype, name="mid_res_1")(h, emb, train)
     if tap(MID_TAP, h):
       return found
@@ -160,7 +162,7 @@ class UNet(nn.Module):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = Res(self.base_channels * mult, self.dropout, self.dtype, name=f"dec_{level}_{block}")(h, emb, train)
         if h.shape[1] in self.attention_resolutions:
-          h = Attn(self.num_heads, self.dtype, self.head_channels, name=f"dec_{level}_{block}_attn")(h)
+          h = Attn(self.num_heads, self.dtype, self.head_channels, self.attention, name=f"dec_{level}_{block}_attn")(h)
       if level != 0:
         b, hgt, wid, c = h.shape
         h = jax.image.resize(h, (b, 2 * hgt, 2 * wid, c), "nearest")
@@ -181,10 +183,11 @@ def unet_from_config(model_cfg, out_channels: int) -> UNet:
       num_res_blocks=model_cfg.num_res_blocks,
       attention_resolutions=tuple(model_cfg.attention_resolutions),
       num_heads=model_cfg.num_heads,
-      head_channels=int(model_cfg.get("head_channels", 0)),
+      head_channels=int(model_cfg.head_channels),
       dropout=model_cfg.dropout,
       num_classes=model_cfg.num_classes,
       out_channels=out_channels,
       dtype=dtypes[model_cfg.dtype],
-      remat=bool(model_cfg.get("remat", False)),
+      remat=bool(model_cfg.remat),
+      attention=None if model_cfg.attention == "auto" else model_cfg.attention,
   )

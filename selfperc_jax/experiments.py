@@ -1,0 +1,248 @@
+"""The paper's comparison as one command, from one MSE pre-training:
+
+  python -m selfperc_jax.experiments --config=configs/digits.py --workdir=workdirs/digits_comparison
+
+Stages, each in its own workdir under --workdir, each resumable (a killed comparison continues where it stopped, and
+a finished stage is never recomputed):
+  pretrain/          MSE for perceptual.start_step steps (the pre-trained model every branch starts from);
+  <branch>/          for each experiment.branches, total_steps - perceptual.start_step more steps from pretrain/'s
+                     checkpoint (init_from): 'mse' (the baseline), 'perceptual' (the feature distance alone against
+                     the frozen copy, the paper's setting), 'mse_perceptual' (both terms); also available:
+                     'perceptual_ema' / 'perceptual_online' (the paper's setting with the copy taken from the
+                     pre-trained sampling EMA / online params, to measure perceptual.copy_source);
+  evaluation         every branch at every experiment.guidance_scales (eval.* settings and seeds, the same for all),
+                     pretrain/ without guidance; results in <stage>/eval/step_<STEP>.json;
+  grids/             sample grids of the branches side by side, one PNG per guidance scale (sample.* seeds);
+  comparison.md, comparison.json, comparison.png (FID and recall against the guidance scale per branch).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from selfperc_jax import checkpoint, fileio, generate, sharding, train
+from selfperc_jax.errors import ConfigError
+from selfperc_jax.evaluation import evaluate, report
+
+PRETRAIN = "pretrain"
+
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, not failed; run again
+
+
+class Stopped(Exception):
+  """A stage ended before its last step (preemption): the comparison stops, to be continued by a rerun."""
+
+
+def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, ml_collections.ConfigDict]:
+  """{stage name: its training config}, in the order they run: the MSE pre-training, then one per branch."""
+  p = config.perceptual
+  start, total = int(p.start_step), int(config.total_steps)
+  if not 0 < start < total:
+    raise ConfigError(f"the comparison needs 0 < perceptual.start_step < total_steps (pre-training, then the "
+                      f"branches), got perceptual.start_step={start} and total_steps={total}.")
+
+  def derived(**values):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.eval_every = 0  # the comparison evaluates each stage's final checkpoint itself
+    for key, value in values.items():
+      *parents, leaf = key.split(".")
+      node = c
+      for part in parents:
+        node = node[part]
+      node[leaf] = value
+    return c
+
+  weight = float(p.weight) or 1.0  # an MSE-only config ('mse' argument) still compares the perceptual branches
+  branch = dict(total_steps=total - start, init_from=fileio.join(workdir, PRETRAIN))
+  stages = {PRETRAIN: derived(total_steps=start, init_from="", **{"perceptual.weight": 0.0})}
+  overrides = {
+      "mse": {"perceptual.weight": 0.0},
+      "perceptual": {"perceptual.weight": weight, "perceptual.mse_weight": 0.0, "perceptual.start_step": 0},
+      "mse_perceptual": {"perceptual.weight": weight, "perceptual.mse_weight": 1.0, "perceptual.start_step": 0},
+  }
+  for source in ("ema", "online"):  # the paper's setting with the copy's source fixed (to measure the choice)
+    overrides[f"perceptual_{source}"] = {**overrides["perceptual"], "perceptual.copy_source": source}
+  for name in config.experiment.branches:
+    stages[name] = derived(**branch, **overrides[name])
+  return stages
+
+
+def eval_config(config: ml_collections.ConfigDict, guidance_scale: float) -> ml_collections.ConfigDict:
+  """A stage's config for sampling at one guidance scale (rescaled as experiment.guidance_rescale says)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.sample.guidance_scale = float(guidance_scale)
+  c.sample.guidance_rescale = float(config.experiment.guidance_rescale) if guidance_scale != 1 else 0.0
+  return c
+
+
+def _latest_step(workdir: str) -> int | None:
+  directory = fileio.join(workdir, "checkpoints")
+  if not fileio.isdir(directory):
+    return None
+  ckpt = checkpoint.Checkpointer(directory, 1, read_only=True)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
+def _from_process_0(flag: bool) -> bool:
+  return bool(int(sharding.broadcast_from_process_0(np.int32(1 if flag else 0))))
+
+
+class Comparison:
+  """Runs the stages in order; every stage looks at its workdir first and skips what is already there."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, command: str = ""):
+    self.config, self.workdir, self.command = config, fileio.resolve(workdir), command
+    self.stages = stage_configs(config, self.workdir)
+    self.lead = jax.process_index() == 0
+    self.t0 = time.perf_counter()
+
+  def _say(self, text: str) -> None:
+    if self.lead:
+      print(f"[comparison {time.perf_counter() - self.t0:7.0f}s] {text}", flush=True)
+
+  def run(self) -> list[dict]:
+    fileio.makedirs(self.workdir)
+    lock = train.lock_workdir(self.workdir)
+    try:
+      for name, cfg in self.stages.items():
+        self.train(name, cfg)
+      rows = []
+      for name, cfg in self.stages.items():
+        scales = (1.0,) if name == PRETRAIN else tuple(self.config.experiment.guidance_scales)
+        rows += [self.evaluate(name, cfg, g) for g in scales]
+      for g in self.config.experiment.guidance_scales:
+        self.grid(g)
+      if self.lead:
+        self.write(rows)
+      return rows
+    finally:
+      lock.release()
+
+  def stage_dir(self, name: str) -> str:
+    return fileio.join(self.workdir, name)
+
+  def train(self, name: str, cfg) -> None:
+    workdir = self.stage_dir(name)
+    if _from_process_0((_latest_step(workdir) or 0) >= cfg.total_steps):
+      self._say(f"{name}: trained ({cfg.total_steps} steps) already")
+      return
+    self._say(f"{name}: training {cfg.total_steps} steps in {workdir}")
+    train.train_and_evaluate(cfg, workdir)
+    latest = _latest_step(workdir) if self.lead else None
+    if not _from_process_0((latest or 0) >= cfg.total_steps):
+      # Preempted (SIGTERM): the stage saved where it stood; what comes after it must not start from there.
+      raise Stopped(f"stage {name} stopped at step {latest} of {cfg.total_steps} (preempted); run the same command "
+                    "again to continue the comparison from there")
+
+  def evaluate(self, name: str, cfg, guidance_scale: float) -> dict:
+    from selfperc_jax import modes  # (imports the trainer's Setup, as this module does)
+
+    cfg = eval_config(cfg, guidance_scale)
+    workdir, step = self.stage_dir(name), int(cfg.total_steps)
+    setting = evaluate.setting_name(cfg)
+    eval_dir = fileio.join(workdir, "eval")
+    result = evaluate.read_result(eval_dir, step, setting) if self.lead else None
+    if not _from_process_0(result is not None):
+      self._say(f"{name}: evaluating at guidance {guidance_scale:g} ({setting})")
+      result = modes.evaluate_checkpoint(cfg, workdir)
+    else:
+      self._say(f"{name}: evaluated at guidance {guidance_scale:g} already")
+    row = {"branch": name, "step": step, "setting": setting, "guidance_scale": float(guidance_scale),
+           "guidance_rescale": float(cfg.sample.guidance_rescale)}
+    if result is not None:
+      row.update({k: v for k, v in result.items() if k not in row and not isinstance(v, (dict, list))})
+    return row
+
+  def grid(self, guidance_scale: float) -> None:
+    from selfperc_jax import modes
+
+    path = fileio.join(self.workdir, "grids", f"guidance_{guidance_scale:g}.png")
+    if _from_process_0(fileio.exists(path) if self.lead else False):
+      return
+    branches = [n for n in self.stages if n != PRETRAIN]
+    grids = {}
+    for name in branches:
+      cfg = eval_config(self.stages[name], guidance_scale)
+      setup = train.Setup(cfg, self.stage_dir(name), with_data=False)
+      _, params = modes.latest_sampling_params(setup)
+      s = cfg.sample
+      labels = generate.class_labels(s.num_samples, cfg.model.num_classes, s.classes)
+      chunks = list(setup.generator().chunks(params, labels, s.seed))
+      grids[name] = (np.concatenate([c.images for c in chunks])[: generate.GRID_MAX], labels[: generate.GRID_MAX])
+    if self.lead:
+      fileio.makedirs(fileio.join(self.workdir, "grids"))
+      s = self.config.sample
+      heading = (f"guidance {guidance_scale:g}" + (f", rescale {self.config.experiment.guidance_rescale:g}"
+                                                   if guidance_scale != 1 else "")
+                 + f" | {s.sampler} {s.steps} steps | seed {s.seed} (the same noise in every column)")
+      report.side_by_side(path, grids, heading)
+      self._say(f"grid: {path}")
+
+  def write(self, rows: list[dict]) -> None:
+    c = self.config
+    start, total = int(c.perceptual.start_step), int(c.total_steps)
+    s, e = c.sample, c.eval
+    preface = "\n".join([
+        "# The paper's comparison",
+        "",
+        f"Command: `{self.command}`" if self.command else "",
+        "",
+        f"- Pre-training: MSE for {start} steps (`{PRETRAIN}/`); every branch continues from its checkpoint for "
+        f"{total - start} steps (`init_from`; fresh optimizer state and learning-rate warm-up in each branch).",
+        f"- Branches: {', '.join(report.title(b) for b in c.experiment.branches)}; the perceptual copy is the "
+        f"pre-trained model's {c.perceptual.copy_source} params, frozen (copy_ema_decay "
+        f"{c.perceptual.copy_ema_decay:g}); taps {', '.join(c.perceptual.taps)}; noise '{c.perceptual.noise}'.",
+        f"- Evaluation: {e.num_samples} samples per row (class-balanced), {s.sampler} {s.steps} steps, eval seed "
+        f"{e.seed} for every row; features '{e.features}'"
+        + (f" against the {e.reference_split} split" if not e.reference else f" against {e.reference}") + ".",
+        f"- Guided rows use classifier-free guidance with rescale phi = {c.experiment.guidance_rescale:g} "
+        "(Lin et al. 2023); 'none' is the conditional model alone.",
+    ])
+    report.write_json(fileio.join(self.workdir, "comparison.json"), rows,
+                      {"command": self.command, "config": c.to_dict()})
+    fileio.write_text(fileio.join(self.workdir, "comparison.md"), report.markdown(rows, preface))
+    report.plot(fileio.join(self.workdir, "comparison.png"), rows)
+    self._say(f"done: {fileio.join(self.workdir, 'comparison.md')} (and .json, .png, grids/)")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, command: str = "") -> list[dict]:
+  """Runs (or completes) the comparison in workdir; returns its rows (metrics on process 0)."""
+  from selfperc_jax import validation
+
+  validation.validate(config)
+  return Comparison(config, workdir, command).run()
+
+
+def main(argv):
+  from absl import app
+
+  from selfperc_jax import main as cli
+
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if cli.FLAGS["mode"].present:
+    raise app.UsageError("--mode belongs to selfperc_jax.main; the comparison trains, evaluates and reports itself.")
+  cli.configure_logging()
+  command = " ".join(["python -m selfperc_jax.experiments"] + sys.argv[1:])
+  try:
+    cli.run_reporting_errors(lambda: run(cli.FLAGS.config, cli.FLAGS.workdir, command))
+  except Stopped as e:
+    print(f"stopped: {e}", flush=True)
+    sys.exit(EXIT_STOPPED)
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  from selfperc_jax import main as cli
+
+  app.run(main, flags_parser=cli.parse_flags)
