@@ -199,7 +199,8 @@ def test_imagenet256_config_trains_on_the_prepared_data(tiny_imagenet, tmp_path)
       "model.base_channels": 16, "model.channel_mult": (1, 2), "model.num_res_blocks": 1,
       "model.attention_resolutions": (16,), "model.head_channels": 16, "mesh.fsdp_min_size": 256,
       "total_steps": 3, "log_every": 1, "checkpoint_every": 3, "sample_every": 3, "sample.steps": 2,
-      "sample.num_samples": 8, "perceptual.start_step": 0, "optimizer.warmup_steps": 1})
+      "sample.num_samples": 8, "perceptual.start_step": 0, "perceptual.mse_weight": 1.0,
+      "optimizer.warmup_steps": 1})
   metrics = train.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(metrics["loss"]) and metrics["loss_perceptual"] > 0  # self-perceptual from the start (one compile)
   assert os.path.isdir(tmp_path / "checkpoints" / "3")

@@ -344,7 +344,6 @@ def test_sample_mode_without_checkpoint_is_refused(digits_config, tmp_path):
     ("perceptual.mse_weight", -1.0, "must be >= 0"),
     ("perceptual.copy_ema_decay", 1.5, "perceptual.copy_ema_decay=1.5 must be in"),
     ("perceptual.copy_source", "best", "perceptual.copy_source='best' is not known"),
-    ("perceptual.fused", 1, "perceptual.fused must be True or False"),
     ("sampling_ema.decay", -0.5, "sampling_ema.decay=-0.5 must be in"),
     ("experiment.branches", ("mse", "sp"), "experiment.branches=('mse', 'sp') must be distinct names"),
     ("experiment.guidance_scales", (), "experiment.guidance_scales=() must be one or more"),
