@@ -173,10 +173,10 @@ class UNet(nn.Module):
     return h.astype(jnp.float32)
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype, checked in validation
+
+
 def unet_from_config(model_cfg, out_channels: int) -> UNet:
-  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-  if model_cfg.dtype not in dtypes:
-    raise ValueError(f"model.dtype={model_cfg.dtype!r} is not supported; choose one of {sorted(dtypes)}.")
   return UNet(
       base_channels=model_cfg.base_channels,
       channel_mult=tuple(model_cfg.channel_mult),
@@ -187,7 +187,7 @@ def unet_from_config(model_cfg, out_channels: int) -> UNet:
       dropout=model_cfg.dropout,
       num_classes=model_cfg.num_classes,
       out_channels=out_channels,
-      dtype=dtypes[model_cfg.dtype],
+      dtype=DTYPES[model_cfg.dtype],
       remat=bool(model_cfg.remat),
       attention=None if model_cfg.attention == "auto" else model_cfg.attention,
   )
