@@ -33,7 +33,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import step_time  # noqa: E402
-from selfperc_jax import flops  # noqa: E402
+from selfperc_jax import config_tree, flops  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/imagenet256.py:gpu", "Experiment config.", lock_config=True)
@@ -68,13 +68,7 @@ def one_device(config, per_device_batch: int, **overrides):
   c.mesh.data, c.mesh.fsdp = 1, 1
   c.batch_size = per_device_batch
   c.sample.batch_size = per_device_batch
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_tree.set_values(c, overrides)
 
 
 def _timed(variant, steps: int, rounds: int) -> float:

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from selfperc_jax import fileio
+from selfperc_jax import config_tree, fileio
 from selfperc_jax.errors import CheckpointError, CorruptCheckpointError
 
 # Config sections that fix the shapes of the state; a checkpoint only resumes under the same values.
@@ -158,14 +158,6 @@ class Checkpointer:
     self.manager.close()
 
 
-def _lookup(d: dict, dotted: str):
-  for part in dotted.split("."):
-    if not isinstance(d, dict) or part not in d:
-      return None
-    d = d[part]
-  return d
-
-
 def _flatten(prefix: str, value) -> dict:
   if isinstance(value, dict):
     out = {}
@@ -180,13 +172,12 @@ def shape_differences(saved: dict, config: ml_collections.ConfigDict) -> list[st
   current = json.loads(config.to_json())
   diffs = []
   for key in SHAPE_KEYS:
-    old, new = _flatten(key, _lookup(saved, key)), _flatten(key, _lookup(current, key))
+    old, new = _flatten(key, config_tree.lookup(saved, key)), _flatten(key, config_tree.lookup(current, key))
     for k in sorted((set(old) | set(new)) - set(NON_SHAPE_KEYS)):
       a, b = old.get(k, ADDED_KEY_DEFAULTS.get(k)), new.get(k, ADDED_KEY_DEFAULTS.get(k))
       if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
         diffs.append(f"{k}: {a!r} in the checkpoint, {b!r} now")
   return diffs
-
 
 
 def changed_values(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:

@@ -13,7 +13,8 @@ a finished stage is never recomputed):
   evaluation         every branch at every experiment.guidance_scales (eval.* settings and seeds, the same for all),
                      pretrain/ without guidance; results in <stage>/eval/step_<STEP>.json;
   grids/             sample grids of the branches side by side, one PNG per guidance scale (sample.* seeds);
-  comparison.md, comparison.json, comparison.png (FID and recall against the guidance scale per branch).
+  comparison.md, comparison.json, comparison.png (FID and recall against the guidance scale per branch);
+  compile_cache/     compiled programs, shared by the stages (the same step or sampler, other params) and by a rerun.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from selfperc_jax import checkpoint, fileio, generate, sharding, train
+from selfperc_jax import checkpoint, config_tree, fileio, generate, sharding, train
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.evaluation import evaluate, report
 
 PRETRAIN = "pretrain"
+CACHE = "compile_cache"  # JAX's persistent compilation cache, shared by the stages
 
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, not failed; run again
@@ -50,13 +52,7 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   def derived(**values):
     c = ml_collections.ConfigDict(config.to_dict())
     c.eval_every = 0  # the comparison evaluates each stage's final checkpoint itself
-    for key, value in values.items():
-      *parents, leaf = key.split(".")
-      node = c
-      for part in parents:
-        node = node[part]
-      node[leaf] = value
-    return c
+    return config_tree.set_values(c, values)
 
   weight = float(p.weight) or 1.0  # an MSE-only config ('mse' argument) still compares the perceptual branches
   branch = dict(total_steps=total - start, init_from=fileio.join(workdir, PRETRAIN))
@@ -214,11 +210,21 @@ class Comparison:
     self._say(f"done: {fileio.join(self.workdir, 'comparison.md')} (and .json, .png, grids/)")
 
 
+def use_compilation_cache(workdir: str) -> str:
+  """Keeps compiled programs in workdir/compile_cache (unless JAX_COMPILATION_CACHE_DIR names another folder), so
+  that the branches share their compiles (the same step or sampler programs, other params) and a resumed comparison
+  compiles nothing again. Returns the folder in use."""
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", fileio.join(fileio.resolve(workdir), CACHE))
+  return jax.config.jax_compilation_cache_dir
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, command: str = "") -> list[dict]:
   """Runs (or completes) the comparison in workdir; returns its rows (metrics on process 0)."""
   from selfperc_jax import validation
 
   validation.validate(config)
+  use_compilation_cache(workdir)
   return Comparison(config, workdir, command).run()
 
 

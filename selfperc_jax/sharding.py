@@ -21,12 +21,7 @@ BATCH_SPEC = P(AXES)
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
   """(data, fsdp) from the config; -1 on one axis takes the devices the other leaves."""
-  data, fsdp = int(mesh_cfg.data), int(mesh_cfg.get("fsdp", 1))
-  if data == -1 and fsdp == -1:
-    raise ConfigError("mesh.data and mesh.fsdp are both -1; give one of them a size.")
-  for name, value in (("mesh.data", data), ("mesh.fsdp", fsdp)):
-    if value != -1 and value < 1:
-      raise ConfigError(f"{name}={value} must be -1 (the remaining devices) or >= 1.")
+  data, fsdp = int(mesh_cfg.data), int(mesh_cfg.fsdp)  # values checked in validation; here: the device count
   if data == -1 or fsdp == -1:
     known = fsdp if data == -1 else data
     if num_devices % known:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from selfperc_jax import (checkpoint, data, diffusion, fileio, flops, generate, sharding, step as step_lib,
+from selfperc_jax import (checkpoint, config_tree, data, diffusion, fileio, flops, generate, sharding, step as step_lib,
                           validation)
 from selfperc_jax.errors import CheckpointError, CorruptCheckpointError, UserError
 from selfperc_jax.evaluation import evaluate
@@ -39,7 +39,7 @@ class Setup:
     self.tx, self.lr_schedule = step_lib.make_optimizer(config)
     self.init_fn = lambda key: step_lib.init_state(config, self.model, self.tx, key, self.image_shape)
     abstract_state = jax.eval_shape(self.init_fn, jax.random.key(0))
-    self.state_sharding = sharding.state_shardings(self.mesh, abstract_state, config.mesh.get("fsdp_min_size", 1024))
+    self.state_sharding = sharding.state_shardings(self.mesh, abstract_state, config.mesh.fsdp_min_size)
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_sharding)
     self._step_fns, self._step_flops = {}, {}
@@ -132,13 +132,9 @@ def check_resume_config(setup: Setup, saved: dict, step: int) -> dict:
   if not changed:
     return {}
   then = ml_collections.ConfigDict(setup.config.to_dict())  # the config as the checkpoint was trained with it
-  for key, (old, now) in changed.items():
-    if old is not None and now is not None:  # (keys a checkpoint predates, or since removed, keep today's values)
-      *parents, leaf = key.split(".")
-      node = then
-      for p in parents:
-        node = node[p]
-      node[leaf] = tuple(old) if isinstance(now, (list, tuple)) else old
+  # (keys a checkpoint predates, or since removed, keep today's values)
+  config_tree.set_values(then, {key: tuple(old) if isinstance(now, (list, tuple)) else old
+                                for key, (old, now) in changed.items() if old is not None and now is not None})
   tx_then, _ = step_lib.make_optimizer(then)
   layout_then = jax.eval_shape(
       lambda k: step_lib.init_state(then, setup.model, tx_then, k, setup.image_shape), jax.random.key(0))

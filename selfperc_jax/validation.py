@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from selfperc_jax import diffusion, losses, samplers
+from selfperc_jax import config_tree, diffusion, losses, samplers
 from selfperc_jax.errors import ConfigError
+from selfperc_jax.data import pipeline
 from selfperc_jax.evaluation import evaluate
 from selfperc_jax.models import unet
 
@@ -48,12 +49,7 @@ def renamed_message(old: str) -> str | None:
 
 def _check_renamed(config) -> None:
   for key in RENAMED:
-    node = config
-    for part in key.split("."):
-      node = node.get(part) if hasattr(node, "get") else None
-      if node is None:
-        break
-    else:
+    if config_tree.lookup(config, key) is not None:
       raise ConfigError(renamed_message(key))
 
 
@@ -64,8 +60,23 @@ def validate(config) -> None:
   _one_of(config.on_nonfinite, ("stop", "skip"), "on_nonfinite")
   _require(config.sample_every >= 0, f"sample_every={config.sample_every} must be >= 0 (0 turns periodic samples off).")
   _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 turns periodic evaluation off).")
-  _require(config.eval.num_samples >= 2, f"eval.num_samples={config.eval.num_samples} must be >= 2.")
-  _one_of(config.eval.features, evaluate.FEATURES, "eval.features")
+  _one_of(config.data.name, tuple(pipeline.DATASETS), "data.name")
+  data_set = pipeline.DATASETS[config.data.name]
+  _one_of(config.data.split, data_set.splits, "data.split")
+  _require(config.model.num_classes == data_set.num_classes,
+           f"model.num_classes={config.model.num_classes} but data set {config.data.name!r} has "
+           f"{data_set.num_classes} classes; set --config.model.num_classes={data_set.num_classes}.")
+  _require(int(config.data.image_size) >= 1, f"data.image_size={config.data.image_size} must be >= 1.")
+
+  ev = config.eval
+  _require(ev.num_samples >= 2, f"eval.num_samples={ev.num_samples} must be >= 2.")
+  _one_of(ev.features, evaluate.FEATURES, "eval.features")
+  _require(ev.features == "inception" or config.data.name == "digits",
+           f"eval.features={ev.features!r} is for the digits only; evaluate data.name={config.data.name!r} with "
+           "eval.features='inception' (and eval.inception_weights).")
+  if config.data.name == "digits" and not ev.reference:
+    _one_of(ev.reference_split, data_set.splits, "eval.reference_split")
+  _require(isinstance(ev.save_samples, bool), "eval.save_samples must be True or False.")
 
   m = config.model
   _require(m.base_channels >= 1 and len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
@@ -159,9 +170,11 @@ def validate(config) -> None:
            f"sample.guidance_rescale={s.guidance_rescale} must be in [0, 1] (0: plain guidance; 0.7 in Lin et al.).")
   _require(len(s.guidance_interval) == 2 and 0.0 <= s.guidance_interval[0] < s.guidance_interval[1] <= 1.0,
            f"sample.guidance_interval={tuple(s.guidance_interval)} must be (lo, hi) with 0 <= lo < hi <= 1.")
-  _require(isinstance(config.eval.save_samples, bool), "eval.save_samples must be True or False.")
   _require(all(0 <= int(c) < m.num_classes for c in s.classes),
            f"sample.classes={tuple(s.classes)} must be class ids in [0, {m.num_classes}) (empty: all classes).")
-  _require(config.mesh.data == -1 or config.mesh.data >= 1, f"mesh.data={config.mesh.data} must be -1 or >= 1.")
-  _require(config.mesh.get("fsdp", 1) == -1 or config.mesh.get("fsdp", 1) >= 1,
-           f"mesh.fsdp={config.mesh.get('fsdp', 1)} must be -1 or >= 1.")
+  mesh = config.mesh
+  for key in ("data", "fsdp"):
+    _require(mesh[key] == -1 or mesh[key] >= 1, f"mesh.{key}={mesh[key]} must be -1 (the remaining devices) or >= 1.")
+  _require(not (mesh.data == -1 and mesh.fsdp == -1), "mesh.data and mesh.fsdp are both -1; give one of them a size.")
+  _require(int(mesh.fsdp_min_size) >= 0,
+           f"mesh.fsdp_min_size={mesh.fsdp_min_size} must be >= 0 (arrays smaller than this stay replicated).")

@@ -35,14 +35,10 @@ def load_config(name: str, arg: str = ""):
 
 
 def override(config, **values):
-  """Sets dotted keys, e.g. override(config, **{"model.base_channels": 8}); returns the config."""
-  for key, value in values.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  """Sets dotted keys in place, e.g. override(config, **{"model.base_channels": 8}); returns the config."""
+  from selfperc_jax import config_tree
+
+  return config_tree.set_values(config, values)
 
 
 @pytest.fixture

@@ -166,7 +166,7 @@ def test_missing_data_set_says_how_to_prepare_it(tmp_path):
 
 
 def test_missing_split_and_wrong_format_and_missing_archives(tiny_imagenet, tmp_path):
-  with pytest.raises(ConfigError, match="data.split='test'"):
+  with pytest.raises(ConfigError, match="has no 'test' split"):
     imagenet.open_source(_data_cfg(tiny_imagenet, "test"))
   with pytest.raises(ConfigError, match="ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar not found"):
     imagenet.prepare(str(tmp_path / "empty"), str(tmp_path / "tfds"))

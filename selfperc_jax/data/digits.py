@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from selfperc_jax.errors import ConfigError
 
 TRAIN_SIZE = 1500  # the first 1500 digits train; the other 297 are held out ('test')
 SPLITS = ("train", "test", "all")
@@ -15,16 +14,12 @@ def load(split: str = "train", image_size: int = 8):
   """(images float32 NHWC in [-1, 1], labels int32) of a split, resized to image_size x image_size."""
   from sklearn.datasets import load_digits  # imported here so the model code never needs scikit-learn
 
-  if split not in SPLITS:
-    raise ConfigError(f"data.split={split!r} is not known for digits; choose one of {SPLITS}.")
   digits = load_digits()
   images = (digits.images.astype(np.float32) / 16.0) * 2.0 - 1.0  # pixel values are 0..16
   labels = digits.target.astype(np.int32)
   sl = {"train": slice(0, TRAIN_SIZE), "test": slice(TRAIN_SIZE, None), "all": slice(None)}[split]
   images, labels = images[sl, :, :, None], labels[sl]
   if image_size != images.shape[1]:
-    if image_size < 1:
-      raise ConfigError(f"data.image_size={image_size} must be positive.")
     import jax  # resizing is rare; keep the common path numpy-only
 
     images = np.asarray(jax.image.resize(images, (len(images), image_size, image_size, 1), "bilinear"))

@@ -14,13 +14,21 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
+from selfperc_jax.data import digits, imagenet  # constants only: TFDS and scikit-learn are imported on use
 from selfperc_jax.errors import ConfigError
 
-CHANNELS = {"digits": 1, "imagenet2012": 3}
-DATASETS = tuple(CHANNELS)
+
+@dataclasses.dataclass(frozen=True)
+class DataSet:
+  channels: int
+  num_classes: int
+  splits: tuple[str, ...]
+
+
+DATASETS = {"digits": DataSet(1, digits.NUM_CLASSES, digits.SPLITS),
+            imagenet.NAME: DataSet(3, imagenet.NUM_CLASSES, imagenet.SPLITS)}
 
 
 @dataclasses.dataclass
@@ -45,9 +53,7 @@ class Pipeline:
 
 def image_shape(data_cfg) -> tuple[int, int, int]:
   """The NHWC shape (without N) of the images a data config yields, known without loading them."""
-  if data_cfg.name not in CHANNELS:
-    raise ConfigError(f"data.name={data_cfg.name!r} is not known; choose one of {DATASETS}.")
-  return (data_cfg.image_size, data_cfg.image_size, CHANNELS[data_cfg.name])
+  return (data_cfg.image_size, data_cfg.image_size, DATASETS[data_cfg.name].channels)
 
 
 class _Arrays(Sequence):
@@ -63,18 +69,11 @@ class _Arrays(Sequence):
     return {"image": self.images[i], "label": self.labels[i]}
 
 
-def open_source(data_cfg) -> tuple[Sequence, int]:
-  """(random-access source of {'image': HWC uint8 or [-1, 1] float, 'label'} records, number of classes)."""
+def open_source(data_cfg) -> Sequence:
+  """The random-access source of {'image': HWC uint8 or [-1, 1] float, 'label'} records of a (validated) config."""
   if data_cfg.name == "digits":
-    from selfperc_jax.data import digits
-
-    images, labels = digits.load(data_cfg.split, data_cfg.image_size)
-    return _Arrays(images, labels), digits.NUM_CLASSES
-  if data_cfg.name == "imagenet2012":
-    from selfperc_jax.data import imagenet  # imports TFDS; only this data set needs it
-
-    return imagenet.open_source(data_cfg), imagenet.NUM_CLASSES
-  raise ConfigError(f"data.name={data_cfg.name!r} is not known; choose one of {DATASETS}.")
+    return _Arrays(*digits.load(data_cfg.split, data_cfg.image_size))
+  return imagenet.open_source(data_cfg)  # imports TFDS; only this data set needs it
 
 
 class _Read:
@@ -123,21 +122,12 @@ class _Rows(Sequence):
     return position, self.order[position]
 
 
-def default_rows(global_batch: int) -> tuple[int, int]:
-  """This process's rows of a global batch when processes own equal consecutive blocks (what sharding.py makes)."""
-  local = global_batch // jax.process_count()
-  return jax.process_index() * local, (jax.process_index() + 1) * local
-
-
 def build(config, rows: tuple[int, int] | None = None) -> Pipeline:
-  """The pipeline of this process: rows = [start, stop) of each global batch it reads (default: its equal block)."""
-  if config.batch_size % jax.process_count():
-    raise ConfigError(f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} processes.")
-  start, stop = default_rows(config.batch_size) if rows is None else rows
-  source, num_classes = open_source(config.data)
-  if config.model.num_classes != num_classes:
-    raise ConfigError(f"model.num_classes={config.model.num_classes} but data set {config.data.name!r} has "
-                      f"{num_classes} classes; set --config.model.num_classes={num_classes}.")
+  """The pipeline of this process: rows = [start, stop) of each global batch it reads, as sharding.process_rows
+  says for the mesh (default: the whole global batch, for one process)."""
+  start, stop = (0, int(config.batch_size)) if rows is None else rows
+  source = open_source(config.data)
+  num_classes = DATASETS[config.data.name].num_classes
   if len(source) < config.batch_size:
     raise ConfigError(f"batch_size={config.batch_size} is larger than the {len(source)} examples of data set "
                       f"{config.data.name!r} ({config.data.split}); lower batch_size.")

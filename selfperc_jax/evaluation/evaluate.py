@@ -26,28 +26,24 @@ def setting_name(config) -> str:
   return f"{generate.setting_name(config.sample)}_n{config.eval.num_samples}_seed{config.eval.seed}"
 
 
-def make_feature_network(features: str, data_name: str = "digits", cache_dir: str | None = None,
-                         inception_weights: str = ""):
+def make_feature_network(features: str, cache_dir: str | None = None, inception_weights: str = ""):
   """The feature network named `features` (FEATURES): the digits classifier (cached in cache_dir) or the FID
   InceptionV3 from the user's weights file."""
   if features == "inception":
     from selfperc_jax.evaluation.inception import InceptionFeatures
 
     return InceptionFeatures(inception_weights)
-  if features != "digits" or data_name != "digits":
-    raise ConfigError(f"eval.features={features!r} with data.name={data_name!r} is not available; "
-                      f"this version evaluates the digits with features {FEATURES}, other data with 'inception'.")
   from selfperc_jax.evaluation import digits_classifier
 
   return digits_classifier.cached_classifier(cache_dir)
 
 
 def feature_network(config, cache_dir: str):
-  return make_feature_network(config.eval.features, config.data.name, cache_dir, config.eval.inception_weights)
+  return make_feature_network(config.eval.features, cache_dir, config.eval.inception_weights)
 
 
 def reference_features(config, network) -> np.ndarray:
-  if config.eval.get("reference", ""):
+  if config.eval.reference:
     return reference_from_file(config.eval.reference, network)
   if config.data.name != "digits":
     raise ConfigError("set eval.reference to a reference batch (.npz with arr_0 images, e.g. the ADM reference "
