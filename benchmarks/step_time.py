@@ -86,7 +86,7 @@ class Variant:
     self.setup = train.Setup(config, "/nonexistent", with_data=False)
     self.state = self.setup.init_state(jax.random.key(seed))
     rng = np.random.default_rng(seed)
-    shape = (config.batch_size,) + tuple(self.setup.image_shape)
+    shape = (config.batch_size,) + tuple(self.setup.model_shape)
     local = {"image": np.clip(rng.normal(size=shape), -1, 1).astype(np.float32),
              "label": rng.integers(0, config.model.num_classes, config.batch_size).astype(np.int32)}
     self.batch = sharding.global_batch(local, self.setup.mesh)
@@ -110,7 +110,7 @@ class Variant:
 def analytic_flops(setup) -> tuple[int, int]:
   """(U-Net forward, its encoder + mid-block) matmul FLOPs at the config's batch size."""
   model, b = setup.model, setup.config.batch_size
-  x = jnp.zeros((b,) + tuple(setup.image_shape))
+  x = jnp.zeros((b,) + tuple(setup.model_shape))
   t, y = jnp.zeros((b,)), jnp.zeros((b,), jnp.int32)
   params = setup.abstract_state.params
   full = flops.matmul_flops(lambda p: model.apply({"params": p}, x, t, y), params)

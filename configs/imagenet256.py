@@ -69,6 +69,20 @@ def get_config(arg=None):
   config.data.num_workers = 8
   config.data.read_threads = 2  # threads per worker process, each building one batch at a time
 
+  # Latent space (configs/imagenet256_latent.py); latent.vae='' trains on the pixels.
+  config.latent = ml_collections.ConfigDict()
+  config.latent.vae = ""  # '' (pixels) | 'sd' | 'sdxl': Stable Diffusion's VAE (third_party/sd_vae)
+  config.latent.vae_weights = ""  # its diffusion_pytorch_model.safetensors (third_party/sd_vae/README.md)
+  config.latent.dir = ""  # the encoded latents (python -m selfperc_jax.encode_latents), one folder per split
+  config.latent.flips = True  # encode each image's mirror image too (for data.random_flip)
+  config.latent.scaling_factor = 0.0  # 0: the VAE's own (0.18215 'sd', 0.13025 'sdxl')
+  config.latent.block_out_channels = ()  # the VAE's layout; () / 0: the released VAE's
+  config.latent.layers_per_block = 0
+  config.latent.norm_groups = 0
+  config.latent.channels = 0
+  config.latent.shard_size = 1000  # examples per encoded shard (the unit a rerun of the encoder skips)
+  config.latent.encode_batch_size = 64  # images per encoder call, per process
+
   config.model = ml_collections.ConfigDict()
   config.model.base_channels = 256
   config.model.channel_mult = (1, 1, 2, 2, 4, 4)

@@ -20,11 +20,12 @@ from selfperc_jax import config_tree, fileio
 from selfperc_jax.errors import CheckpointError, CorruptCheckpointError
 
 # Config sections that fix the shapes of the state; a checkpoint only resumes under the same values.
-SHAPE_KEYS = ("model", "data.image_size", "data.name")
+SHAPE_KEYS = ("model", "data.image_size", "data.name", "latent.vae", "latent.channels", "latent.block_out_channels")
 # Keys inside those sections that change how the model computes, not what it holds.
 NON_SHAPE_KEYS = ("model.dtype", "model.remat", "model.dropout", "model.attention")
 # Keys added after checkpoints were already written: a saved config without them had these values.
-ADDED_KEY_DEFAULTS = {"model.head_channels": 0, "model.attention": "auto", "optimizer.accumulate_steps": 1}
+ADDED_KEY_DEFAULTS = {"model.head_channels": 0, "model.attention": "auto", "optimizer.accumulate_steps": 1,
+                      "latent.vae": "", "latent.channels": 0, "latent.block_out_channels": ()}
 
 
 def checkpoint_dir(path: str) -> str:
@@ -174,7 +175,7 @@ def shape_differences(saved: dict, config: ml_collections.ConfigDict) -> list[st
   for key in SHAPE_KEYS:
     old, new = _flatten(key, config_tree.lookup(saved, key)), _flatten(key, config_tree.lookup(current, key))
     for k in sorted((set(old) | set(new)) - set(NON_SHAPE_KEYS)):
-      a, b = old.get(k, ADDED_KEY_DEFAULTS.get(k)), new.get(k, ADDED_KEY_DEFAULTS.get(k))
+      a, b = (ADDED_KEY_DEFAULTS.get(k) if d.get(k) is None else d[k] for d in (old, new))
       if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
         diffs.append(f"{k}: {a!r} in the checkpoint, {b!r} now")
   return diffs

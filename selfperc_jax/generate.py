@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from selfperc_jax import fileio, images, samplers, sharding
+from selfperc_jax import fileio, images, samplers, sharding, space
 from selfperc_jax.logging_utils import Progress
 
 GRID_MAX = 256  # a sample grid shows at most this many images (the first ones, class-sorted)
@@ -24,8 +24,10 @@ GRID_MAX = 256  # a sample grid shows at most this many images (the first ones, 
 
 def class_labels(num_samples: int, num_classes: int, classes=()) -> np.ndarray:
   """Class-sorted labels of `classes` (empty: all), num_samples rounded up to a multiple of their count (one grid
-  row per class)."""
+  row per class); fewer samples than classes: one each of num_samples classes spread evenly over them."""
   classes = np.asarray(classes, np.int32) if len(classes) else np.arange(num_classes, dtype=np.int32)
+  if num_samples < len(classes):
+    return classes[np.round(np.linspace(0, len(classes) - 1, num_samples)).astype(np.int64)]
   per_class = -(-num_samples // len(classes))
   return np.repeat(classes, per_class)
 
@@ -58,28 +60,36 @@ class Generator:
   """`chunks(params, labels, seed)` yields the samples of a draw chunk by chunk, from any params on the mesh.
 
   embed_fn(variables, uint8 images) -> (features, logits), with `embed_variables`, adds features computed on the
-  devices (evaluation); both must be jit-compatible.
+  devices (evaluation); a space.Decoder turns the model's samples into images first (latent space), in the same
+  chunk program. Both must be jit-compatible.
   """
 
-  def __init__(self, config, model, schedule, image_shape, mesh, embed_fn: Callable | None = None,
-               embed_variables=None):
+  def __init__(self, config, model, schedule, model_shape, mesh, embed_fn: Callable | None = None,
+               embed_variables=None, decoder: space.Decoder = space.Decoder()):
     s = config.sample
     sharding.check_divisible(int(s.batch_size), "sample.batch_size", mesh)
     self.mesh = mesh
     self.chunk_size = int(s.batch_size)
-    self.image_shape = tuple(image_shape)
+    self.model_shape = tuple(model_shape)  # what the model samples: images, or latents that the decoder decodes
+    self.image_shape = self.model_shape
+    if decoder.decode_fn is not None:
+      probe = jax.ShapeDtypeStruct((1,) + self.model_shape, np.float32)
+      self.image_shape = tuple(jax.eval_shape(decoder.decode_fn, decoder.variables, probe).shape[1:])
     self._embed_variables = sharding.replicate(embed_variables, mesh) if embed_fn is not None else None
+    self._decode_variables = sharding.replicate(decoder.variables, mesh) if decoder.decode_fn is not None else None
     batch = sharding.batch_sharding(mesh)
 
-    def draw_chunk(params, embed_variables, seed, labels, indices):
+    def draw_chunk(params, embed_variables, decode_variables, seed, labels, indices):
       base = jax.random.key(seed)
       keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
       denoise = lambda x, t, y: model.apply({"params": params}, x, t, y)
-      x = samplers.sample(denoise, schedule, config.diffusion.prediction, keys, labels, self.image_shape,
+      x = samplers.sample(denoise, schedule, config.diffusion.prediction, keys, labels, self.model_shape,
                           sampler=s.sampler, num_steps=int(s.steps), guidance_scale=float(s.guidance_scale),
                           guidance_rescale=float(s.guidance_rescale),
                           guidance_interval=tuple(float(v) for v in s.guidance_interval),
                           null_class=config.model.num_classes)
+      if decoder.decode_fn is not None:
+        x = decoder.decode_fn(decode_variables, x)
       out = {"images": images.to_uint8_device(x)}
       if embed_fn is not None:
         out["features"], out["logits"] = embed_fn(embed_variables, out["images"])
@@ -92,7 +102,7 @@ class Generator:
   def lower(self, params, seed: int = 0):
     """The lowered chunk computation (e.g. for its memory analysis): the same for any number of samples."""
     labels, indices = self._place(np.zeros(self.chunk_size, np.int32), np.arange(self.chunk_size, dtype=np.int32))
-    return self._draw.lower(params, self._embed_variables, seed, labels, indices)
+    return self._draw.lower(params, self._embed_variables, self._decode_variables, seed, labels, indices)
 
   def _place(self, labels, indices):
     return sharding.global_array(labels, self._batch), sharding.global_array(indices, self._batch)
@@ -108,7 +118,8 @@ class Generator:
       hi = min(lo + size, n)
       indices = np.arange(lo, lo + size, dtype=np.int32)  # positions past n are drawn and dropped
       chunk_labels = np.concatenate([labels[lo:hi], np.full(lo + size - hi, labels[hi - 1], np.int32)])
-      out = self._draw(params, self._embed_variables, seed, *self._place(chunk_labels, indices))
+      out = self._draw(params, self._embed_variables, self._decode_variables, seed,
+                       *self._place(chunk_labels, indices))
       if not with_images:
         out.pop("images")
       return lo, hi, out

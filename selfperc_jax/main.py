@@ -31,15 +31,11 @@ flags.DEFINE_integer("process_id", None, "This process's index, with --coordinat
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "Start jax.distributed: 'auto' on SLURM jobs of several tasks, GKE TPU pods and Cloud TPU VMs "
                   "(JAX finds the other workers itself); 'on' always; 'off' never (one process).")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _flag_error(e: Exception) -> str:
   """One line for a flag or config-file mistake (absl and ml_collections wrap them in nested tracebacks)."""
   text = str(e)
-  if "must have a value other than None" in text:
-    name = text.split("flag --", 1)[1].split("=", 1)[0]
-    return f"--{name} is required (e.g. --config=configs/digits.py --workdir=workdirs/digits)."
   if "No such file or directory" in text:
     path = text.split("No such file or directory: ", 1)[1].split("\n")[0].strip("'\"")
     return (f"config file {path} does not exist; give --config=configs/<name>.py[:arg] "
@@ -59,10 +55,16 @@ def _flag_error(e: Exception) -> str:
   return (causes[-1].split(": ", 1)[1] if causes else lines[-1] if lines else type(e).__name__)
 
 
-def parse_flags(argv):
-  """absl's flag parsing, with every mistake in --config (file, argument, key, value) as one error line, exit 2."""
+def parse_flags(argv, workdir: bool = True):
+  """absl's flag parsing, with every mistake in --config (file, argument, key, value) as one error line, exit 2.
+  --config is required, and --workdir unless workdir=False (a command that writes no workdir)."""
   try:
     rest = FLAGS(argv)
+    for name in ("config", "workdir") if workdir else ("config",):
+      if FLAGS[name].value is None:
+        print(f"error: --{name} is required (e.g. --config=configs/digits.py --workdir=workdirs/digits).",
+              file=sys.stderr, flush=True)
+        sys.exit(2)
     FLAGS.config.keys()  # a config file that failed to load raises only when the config is read
     return rest
   except SystemExit:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from selfperc_jax import (checkpoint, config_tree, data, diffusion, fileio, flops, generate, sharding, step as step_lib,
+from selfperc_jax import (checkpoint, config_tree, data, space, diffusion, fileio, flops, generate, sharding, step as step_lib,
                           validation)
 from selfperc_jax.errors import CheckpointError, CorruptCheckpointError, UserError
 from selfperc_jax.evaluation import evaluate
@@ -33,16 +33,16 @@ class Setup:
     sharding.check_divisible(int(config.sample.batch_size), "sample.batch_size", self.mesh)
     rows = sharding.process_rows(self.mesh, config.batch_size)
     self.pipeline = data.build(config, rows) if with_data else None
-    self.image_shape = data.image_shape(config.data)
-    self.model = unet.unet_from_config(config.model, out_channels=self.image_shape[-1])
+    self.model_shape = space.model_shape(config)  # images, or their latents
+    self.model = unet.unet_from_config(config.model, out_channels=self.model_shape[-1])
     self.schedule = diffusion.schedule_from_config(config.diffusion)
     self.tx, self.lr_schedule = step_lib.make_optimizer(config)
-    self.init_fn = lambda key: step_lib.init_state(config, self.model, self.tx, key, self.image_shape)
+    self.init_fn = lambda key: step_lib.init_state(config, self.model, self.tx, key, self.model_shape)
     abstract_state = jax.eval_shape(self.init_fn, jax.random.key(0))
     self.state_sharding = sharding.state_shardings(self.mesh, abstract_state, config.mesh.fsdp_min_size)
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_sharding)
-    self._step_fns, self._step_flops = {}, {}
+    self._step_fns, self._step_flops, self._decoder = {}, {}, None
 
   def step_fn(self, step: int):
     """The jitted train step for 0-based step `step`: one compilation per phase (MSE pre-training, perceptual)."""
@@ -59,7 +59,7 @@ class Setup:
     if phase not in self._step_flops:
       batch = sharding.batch_sharding(self.mesh)
       b = self.config.batch_size
-      abstract_batch = {"image": jax.ShapeDtypeStruct((b,) + tuple(self.image_shape), jnp.float32, sharding=batch),
+      abstract_batch = {"image": jax.ShapeDtypeStruct((b,) + tuple(self.model_shape), jnp.float32, sharding=batch),
                         "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch)}
       key = jax.eval_shape(lambda: jax.random.key(0))
       key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
@@ -69,8 +69,10 @@ class Setup:
 
   def generator(self, embed_fn=None, embed_variables=None) -> generate.Generator:
     """Draws samples chunk by chunk over the mesh as config.sample says (with embed_fn: their features too)."""
-    return generate.Generator(self.config, self.model, self.schedule, self.image_shape, self.mesh, embed_fn,
-                              embed_variables)
+    if self._decoder is None:
+      self._decoder = space.decoder(self.config)  # (the VAE's decoder in latent space: loaded on first use)
+    return generate.Generator(self.config, self.model, self.schedule, self.model_shape, self.mesh, embed_fn,
+                              embed_variables, self._decoder)
 
   def evaluator(self) -> evaluate.Evaluator:
     return evaluate.Evaluator(self.config, self.workdir, self.generator)
@@ -137,7 +139,7 @@ def check_resume_config(setup: Setup, saved: dict, step: int) -> dict:
                                 for key, (old, now) in changed.items() if old is not None and now is not None})
   tx_then, _ = step_lib.make_optimizer(then)
   layout_then = jax.eval_shape(
-      lambda k: step_lib.init_state(then, setup.model, tx_then, k, setup.image_shape), jax.random.key(0))
+      lambda k: step_lib.init_state(then, setup.model, tx_then, k, setup.model_shape), jax.random.key(0))
   if jax.tree.structure(layout_then) != jax.tree.structure(setup.abstract_state):
     keys = [k for k in STATE_LAYOUT_KEYS if k in changed] or list(changed)
     values = ", ".join(f"{k}={changed[k][0]!r} (now {changed[k][1]!r})" for k in keys)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from selfperc_jax import config_tree, diffusion, losses, samplers
+from selfperc_jax import config_tree, diffusion, losses, samplers, space
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.data import pipeline
 from selfperc_jax.evaluation import evaluate
@@ -53,6 +53,33 @@ def _check_renamed(config) -> None:
       raise ConfigError(renamed_message(key))
 
 
+def _check_latent(config) -> None:
+  lc = config.latent
+  _one_of(lc.vae, ("",) + space.VAE_VARIANTS, "latent.vae")
+  for key in ("layers_per_block", "norm_groups", "channels"):
+    _require(int(lc[key]) >= 0, f"latent.{key}={lc[key]} must be >= 0 (0: the released VAE's).")
+  _require(all(int(c) >= 1 for c in lc.block_out_channels),
+           f"latent.block_out_channels={tuple(lc.block_out_channels)} must be positive (empty: the released VAE's).")
+  _require(lc.scaling_factor >= 0, f"latent.scaling_factor={lc.scaling_factor} must be >= 0 (0: the VAE's own).")
+  _require(int(lc.shard_size) >= 1 and int(lc.encode_batch_size) >= 1,
+           "latent.shard_size and latent.encode_batch_size must be >= 1.")
+  _require(isinstance(lc.flips, bool), "latent.flips must be True or False.")
+  if not space.is_latent(config):
+    return
+  _require(pipeline.DATASETS[config.data.name].channels == 3,
+           f"latent.vae={lc.vae!r} encodes RGB images; data.name={config.data.name!r} is not RGB.")
+  vae = space.vae_config(lc)
+  _require(config.data.image_size % vae.downsampling_factor == 0,
+           f"data.image_size={config.data.image_size} must be divisible by the VAE's downsampling factor "
+           f"{vae.downsampling_factor}.")
+  _require(vae.norm_num_groups >= 1 and all(c % vae.norm_num_groups == 0 for c in vae.block_out_channels),
+           f"latent.norm_groups={vae.norm_num_groups} must divide every latent.block_out_channels "
+           f"{tuple(vae.block_out_channels)}.")
+  _require(lc.flips or not config.data.random_flip,
+           "data.random_flip=True in latent space needs the mirror images encoded too: set latent.flips=True (and "
+           "encode with it), or data.random_flip=False.")
+
+
 def validate(config) -> None:
   _check_renamed(config)
   for key in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -91,10 +118,12 @@ def validate(config) -> None:
     what, per = ("model.head_channels", m.head_channels) if m.head_channels else ("model.num_heads", m.num_heads)
     _require((m.base_channels * mult) % per == 0,
              f"{what}={per} must divide the channels of every level (level {i} has {m.base_channels * mult}).")
+  _check_latent(config)
   downsample = 2 ** (len(m.channel_mult) - 1)
-  size = config.data.image_size
+  size = space.model_shape(config)[0]
+  what = f"data.image_size={config.data.image_size}" + (f" (latents of {size})" if space.is_latent(config) else "")
   _require(size % downsample == 0,
-           f"data.image_size={size} must be divisible by {downsample} for {len(m.channel_mult)} U-Net levels "
+           f"{what} must be divisible by {downsample} for {len(m.channel_mult)} U-Net levels "
            "(model.channel_mult); change one of them.")
 
   _require(int(config.data.num_workers) >= 0,

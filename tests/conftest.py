@@ -45,3 +45,77 @@ def override(config, **values):
 def digits_config():
   """A loader for configs/digits.py with an argument, e.g. digits_config('tiny')."""
   return lambda arg="": load_config("digits", arg)
+
+
+def random_inception_weights(path):
+  """A FID Inception weights file in the PyTorch layout (flat names), made from randomly initialised Flax
+  variables."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import traverse_util
+
+  from third_party.fid_inception import convert, model
+
+  variables = jax.jit(model.InceptionV3().init)(jax.random.key(0), jnp.zeros((1, 299, 299, 3)))
+  flat = {c: traverse_util.flatten_dict(jax.device_get(variables[c])) for c in ("params", "batch_stats")}
+  state = {}
+  for name, entry in convert._layout().items():
+    value = np.asarray(flat[entry.collection][entry.path])
+    if value.ndim == 4:
+      value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    elif value.ndim == 2:
+      value = value.T
+    state[name] = value
+  np.savez(path, **state)
+
+
+# A tiny ImageNet: fake ILSVRC-2012 archives (synthetic JPEGs in the real tar layout), NUM_SYNSETS classes.
+NUM_SYNSETS, PER_SYNSET = 4, 6
+
+
+def _image(k: int, j: int):
+  """Class k's j-th image: brightness 40 * (k + 1) on the left half, black on the right; sizes vary."""
+  import numpy as np
+
+  h, w = 40 + 8 * j, 64 - 4 * j
+  a = np.zeros((h, w, 3), np.uint8)
+  a[:, : w // 2] = 40 * (k + 1)
+  return a
+
+
+def write_ilsvrc_archives(manual_dir):
+  from benchmarks import fake_imagenet
+
+  return fake_imagenet.write_archives(manual_dir, NUM_SYNSETS, PER_SYNSET, _image)
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenet(tmp_path_factory):
+  """The TFDS data directory of a prepared tiny ImageNet (array_record), made by the project's prepare command."""
+  from selfperc_jax.data import imagenet
+
+  root = tmp_path_factory.mktemp("imagenet")
+  write_ilsvrc_archives(root / "manual")
+  assert imagenet.main(["--manual_dir", str(root / "manual"), "--data_dir", str(root / "tfds")]) == 0
+  return str(root / "tfds")
+
+
+def write_random_vae(path, vae_config, seed: int = 0):
+  """A diffusers-layout .safetensors of Stable Diffusion's VAE layout at vae_config's size, seeded random weights
+  (conv / linear N(0, 1) / sqrt(fan_in), norms 1, biases 0): what a user's downloaded file looks like."""
+  import math
+
+  import numpy as np
+
+  from third_party.sd_vae import convert
+
+  rng = np.random.default_rng(seed)
+  tensors = {}
+  for name, shape in convert.expected_shapes(vae_config).items():
+    if name.endswith(".weight") and len(shape) >= 2:
+      tensors[name] = (rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))).astype(np.float32)
+    else:
+      tensors[name] = (np.ones(shape) if name.endswith(".weight") else np.zeros(shape)).astype(np.float32)
+  convert.write_safetensors(str(path), tensors, metadata={"format": "pt"})
+  return str(path)

@@ -91,31 +91,10 @@ def test_malformed_sample_batches_are_one_line_errors(files, tmp_path, capsys):
   assert compare.main([str(files / "ref.npz"), str(tmp_path / "ok.npz")]) == 0  # the same shape, well formed
 
 
-def _random_inception_weights(path):
-  """A weights file in the PyTorch layout (flat names), made from randomly initialised Flax variables."""
-  import jax
-  import jax.numpy as jnp
-  from flax import traverse_util
-
-  from third_party.fid_inception import convert, model
-
-  variables = jax.jit(model.InceptionV3().init)(jax.random.key(0), jnp.zeros((1, 299, 299, 3)))
-  flat = {c: traverse_util.flatten_dict(jax.device_get(variables[c])) for c in ("params", "batch_stats")}
-  state = {}
-  for name, entry in convert._layout().items():
-    value = np.asarray(flat[entry.collection][entry.path])
-    if value.ndim == 4:
-      value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-    elif value.ndim == 2:
-      value = value.T
-    state[name] = value
-  np.savez(path, **state)
-
-
 @pytest.mark.slow
 def test_inception_features_through_the_cli(files, tmp_path, capsys):
   weights = tmp_path / "inception.npz"
-  _random_inception_weights(weights)
+  random_inception_weights(weights)
   real = compare.compare(str(files / "few.npz"), str(files / "few.npz"), "inception", weights=str(weights))
   assert real["fid"] == pytest.approx(0.0, abs=1e-3) and real["precision"] == real["recall"] == 1.0
   assert "class_accuracy" not in real  # Inception's classes are not the digits'

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from selfperc_jax import sharding, validation
+from selfperc_jax import config_tree, sharding, space, validation
 from selfperc_jax.models import unet
 
-VARIANTS = {"digits": ["", "tiny", "mse", "tiny,mse"], "imagenet256": ["", "tpu", "gpu", "tpu,mse", "gpu,mse"]}
+VARIANTS = {"digits": ["", "tiny", "mse", "tiny,mse"], "imagenet256": ["", "tpu", "gpu", "tpu,mse", "gpu,mse"],
+            "imagenet256_latent": ["", "gpu", "tpu,mse"]}
 
 
 def _keys(config, prefix=""):
@@ -51,12 +52,23 @@ def test_topologies_shard_as_documented():
     assert config.model.dtype == "bfloat16" and config.model.remat
 
 
-def test_imagenet256_parameter_count_is_the_one_in_its_docstring():
-  config = load_config("imagenet256")
-  doc = (REPO / "configs" / "imagenet256.py").read_text()
+@pytest.mark.parametrize("name", ["imagenet256", "imagenet256_latent"])
+def test_imagenet_parameter_count_is_the_one_in_its_docstring(name):
+  config = load_config(name)
+  doc = (REPO / "configs" / f"{name}.py").read_text()
   stated = int(re.search(r"([\d,]+) parameters", doc).group(1).replace(",", ""))
-  model = unet.unet_from_config(config.model, out_channels=3)
-  size = config.data.image_size
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,)),
+  shape = space.model_shape(config)
+  model = unet.unet_from_config(config.model, out_channels=shape[-1])
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1,) + shape), jnp.zeros((1,)),
                                              jnp.zeros((1,), jnp.int32)))
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == stated
+
+
+def test_the_latent_config_is_the_pixel_config_on_latents():
+  pixels, latent = load_config("imagenet256", "gpu,mse"), load_config("imagenet256_latent", "gpu,mse")
+  assert space.model_shape(latent) == (32, 32, 4) and space.image_shape(latent) == (256, 256, 3)
+  assert latent.latent.vae == "sd" and not space.is_latent(pixels)
+  changed = {k for k in _keys(pixels) if config_tree.lookup(pixels, k) != config_tree.lookup(latent, k)}
+  assert changed == {"latent.vae", "model.channel_mult", "model.attention_resolutions"}
+  with pytest.raises(ValueError, match="imagenet256_latent.py"):
+    load_config("imagenet256_latent", "v4")

@@ -99,7 +99,7 @@ def test_device_memory_does_not_grow_with_the_number_of_samples(model_and_params
   shapes = []
   real_draw = gen._draw
 
-  def recording_draw(params, variables, seed, labels, indices):
+  def recording_draw(params, embed_variables, decode_variables, seed, labels, indices):
     shapes.append(labels.shape)
     return {"images": jnp.zeros((labels.shape[0],) + SHAPE, jnp.uint8)}
 
@@ -179,3 +179,9 @@ def test_npz_stream_writer_refuses_a_wrong_or_incomplete_batch(tmp_path):
     writer.close()
   writer.abort()
   assert list(tmp_path.iterdir()) == []
+
+
+def test_class_labels_are_balanced_and_cover_the_classes_evenly_when_fewer():
+  np.testing.assert_array_equal(generate.class_labels(5, 3), [0, 0, 1, 1, 2, 2])  # rounded up to 2 per class
+  np.testing.assert_array_equal(generate.class_labels(4, 10, classes=(7, 2)), [7, 7, 2, 2])
+  np.testing.assert_array_equal(generate.class_labels(5, 1000), [0, 250, 500, 749, 999])  # one each, spread

@@ -11,38 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import fake_imagenet
-from conftest import REPO, load_config, override
+from conftest import NUM_SYNSETS, PER_SYNSET, REPO, load_config, override, write_ilsvrc_archives
 from selfperc_jax import data, train
 from selfperc_jax.data import imagenet
 from selfperc_jax.errors import ConfigError
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-NUM_SYNSETS, PER_SYNSET = 4, 6
-
-
 pytestmark = pytest.mark.slow  # subprocesses and end-to-end runs
-
-def _image(k: int, j: int) -> np.ndarray:
-  """Class k's j-th image: brightness 40 * (k + 1) on the left half, black on the right; sizes vary."""
-  h, w = 40 + 8 * j, 64 - 4 * j
-  a = np.zeros((h, w, 3), np.uint8)
-  a[:, : w // 2] = 40 * (k + 1)
-  return a
-
-
-def write_ilsvrc_archives(manual_dir):
-  return fake_imagenet.write_archives(manual_dir, NUM_SYNSETS, PER_SYNSET, _image)
-
-
-@pytest.fixture(scope="module")
-def tiny_imagenet(tmp_path_factory):
-  """The TFDS data directory of a prepared tiny ImageNet (array_record)."""
-  root = tmp_path_factory.mktemp("imagenet")
-  write_ilsvrc_archives(root / "manual")
-  assert imagenet.main(["--manual_dir", str(root / "manual"), "--data_dir", str(root / "tfds")]) == 0
-  return str(root / "tfds")
 
 
 def _data_cfg(data_dir, split="train", size=32):

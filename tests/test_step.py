@@ -72,7 +72,7 @@ def test_eight_devices_with_fsdp_equal_one_device(small_config):
 def test_mesh_shapes_from_config():
   shape = lambda data, fsdp, n=8: sharding.mesh_shape(ml_collections.ConfigDict({"data": data, "fsdp": fsdp}), n)
   assert shape(-1, 1) == (8, 1) and shape(-1, 4) == (2, 4) and shape(2, -1) == (2, 4) and shape(2, 2) == (2, 2)
-  for bad in ((-1, -1), (3, 3), (0, 1), (-1, 3)):
+  for bad in ((3, 3), (-1, 3)):  # too many devices, no divisor (values without devices: validation's)
     with pytest.raises(ConfigError):
       shape(*bad)
 

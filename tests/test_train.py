@@ -13,7 +13,7 @@ import pytest
 from selfperc_jax import checkpoint, modes, train
 from selfperc_jax.errors import CheckpointError, ConfigError
 
-from conftest import REPO, load_config, override
+from conftest import REPO, load_config, override, random_inception_weights
 
 
 def _tiny(get_config, **overrides):
@@ -360,6 +360,7 @@ def test_sample_mode_without_checkpoint_is_refused(digits_config, tmp_path):
     ("model.num_classes", 12, "model.num_classes=12 but data set 'digits' has 10 classes; set --config.model.num_classes=10"),
     ("eval.reference_split", "val", "eval.reference_split='val' is not known"),
     ("mesh.fsdp", -1, "mesh.data and mesh.fsdp are both -1"),
+    ("mesh.data", 0, "mesh.data=0 must be -1 (the remaining devices) or >= 1"),
     ("mesh.fsdp_min_size", -1, "mesh.fsdp_min_size=-1 must be >= 0"),
     ("optimizer.decay", "step", "optimizer.decay='step' is not known"),
     ("optimizer.b1", 1.0, "optimizer.b1=1.0 must be in"),
@@ -558,13 +559,12 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_restart_resumes_ther
 
 @pytest.mark.slow
 def test_eval_mode_with_inception_features_and_a_reference_file(trained, tmp_path):
-  from test_compare import _random_inception_weights
   from selfperc_jax.data import digits
   from selfperc_jax.images import to_uint8
 
   workdir, get_config = trained
   weights, reference = tmp_path / "inception.npz", tmp_path / "ref.npz"
-  _random_inception_weights(weights)
+  random_inception_weights(weights)
   np.savez(reference, to_uint8(digits.load("test")[0][:16]))
   config = _tiny(get_config, **{"eval.features": "inception", "eval.inception_weights": str(weights),
                                 "eval.reference": str(reference), "eval.num_samples": 10})

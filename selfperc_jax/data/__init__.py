@@ -1,5 +1,5 @@
 """Input pipelines. `build(config)` returns the pipeline that `config.data.name` names."""
 
-from selfperc_jax.data.pipeline import Pipeline, build, image_shape
+from selfperc_jax.data.pipeline import Pipeline, build
 
-__all__ = ["Pipeline", "build", "image_shape"]
+__all__ = ["Pipeline", "build"]

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from selfperc_jax import space
 from selfperc_jax.data import digits, imagenet  # constants only: TFDS and scikit-learn are imported on use
 from selfperc_jax.errors import ConfigError
 
@@ -51,11 +52,6 @@ class Pipeline:
     self.iterator.set_state(state)
 
 
-def image_shape(data_cfg) -> tuple[int, int, int]:
-  """The NHWC shape (without N) of the images a data config yields, known without loading them."""
-  return (data_cfg.image_size, data_cfg.image_size, DATASETS[data_cfg.name].channels)
-
-
 class _Arrays(Sequence):
   """In-memory examples (the digits) as a random-access source."""
 
@@ -69,7 +65,12 @@ class _Arrays(Sequence):
     return {"image": self.images[i], "label": self.labels[i]}
 
 
-def open_source(data_cfg) -> Sequence:
+def open_source(config) -> Sequence:
+  """What the model trains on: the images of config.data, or their encoded latents (space.py decides)."""
+  return space.open_latents(config) if space.is_latent(config) else open_image_source(config.data)
+
+
+def open_image_source(data_cfg) -> Sequence:
   """The random-access source of {'image': HWC uint8 or [-1, 1] float, 'label'} records of a (validated) config."""
   if data_cfg.name == "digits":
     return _Arrays(*digits.load(data_cfg.split, data_cfg.image_size))
@@ -77,19 +78,24 @@ def open_source(data_cfg) -> Sequence:
 
 
 class _Read:
-  """(global position, example id) -> record, flipped horizontally with probability 1/2 when flip_seed is set.
+  """(global position, example id) -> record, flipped horizontally with probability 1/2 when `flip` is set.
 
-  The flip is drawn from (flip_seed, global position): the same for any number of processes or workers, and after
-  a resume. (A class, not a closure, so that grain's worker processes can pickle it.)
+  Every random number of a record (the flip; for latents, the draw from the posterior) comes from a generator seeded
+  by (seed, global position): the same for any number of processes or workers, and after a resume. (A class, not a
+  closure, so that grain's worker processes can pickle it.)
   """
 
-  def __init__(self, source, flip_seed: int | None):
-    self.source, self.flip_seed = source, flip_seed
+  def __init__(self, source, seed: int, flip: bool):
+    self.source, self.seed, self.flip = source, seed, flip
 
   def __call__(self, item):
     position, index = item
+    rng = np.random.default_rng((self.seed, position))
+    flip = self.flip and rng.random() < 0.5
+    if hasattr(self.source, "draw"):  # encoded latents: a draw from the posterior (of the mirror image when flip)
+      return self.source.draw(index, flip, rng)
     example = self.source[index]
-    if self.flip_seed is not None and np.random.default_rng((self.flip_seed, position)).random() < 0.5:
+    if flip:
       example = {**example, "image": np.ascontiguousarray(example["image"][:, ::-1])}
     return example
 
@@ -126,7 +132,7 @@ def build(config, rows: tuple[int, int] | None = None) -> Pipeline:
   """The pipeline of this process: rows = [start, stop) of each global batch it reads, as sharding.process_rows
   says for the mesh (default: the whole global batch, for one process)."""
   start, stop = (0, int(config.batch_size)) if rows is None else rows
-  source = open_source(config.data)
+  source = open_source(config)
   num_classes = DATASETS[config.data.name].num_classes
   if len(source) < config.batch_size:
     raise ConfigError(f"batch_size={config.batch_size} is larger than the {len(source)} examples of data set "
@@ -136,8 +142,8 @@ def build(config, rows: tuple[int, int] | None = None) -> Pipeline:
   order = grain.MapDataset.source(np.arange(len(source))).shuffle(seed=config.seed).repeat()
   # Batching stays in the MapDataset, so a batch is always the same rows whatever the number of worker processes
   # (each worker builds whole batches; grain interleaves them back in order).
-  flip_seed = config.seed if config.data.random_flip else None
-  ds = grain.MapDataset.source(_Rows(order, config.batch_size, start, stop)).map(_Read(source, flip_seed))
+  ds = grain.MapDataset.source(_Rows(order, config.batch_size, start, stop)).map(
+      _Read(source, int(config.seed), bool(config.data.random_flip)))
   # Each thread builds one whole batch, so read_threads batches are in flight per process (Pillow releases the GIL
   # while it decodes and resizes).
   threads = int(config.data.read_threads)
@@ -150,4 +156,4 @@ def build(config, rows: tuple[int, int] | None = None) -> Pipeline:
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.data.num_workers)),
                         worker_init_fn=_ignore_sigterm)
-  return Pipeline(iter(ds), image_shape(config.data), num_classes, len(source))
+  return Pipeline(iter(ds), space.model_shape(config), num_classes, len(source))
