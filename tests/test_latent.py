@@ -3,7 +3,6 @@ small random VAE of Stable Diffusion's layout -> the latent config (tiny U-Net) 
 term -> samples decoded by the VAE -> evaluated with Inception features; plus the folder's format, resumption and
 every error a user meets on the way."""
 
-import dataclasses
 import json
 import os
 
@@ -140,7 +139,8 @@ def test_the_latent_config_trains_samples_decodes_evaluates_and_resumes(encoded,
   random_inception_weights(weights)
   images = pipeline.open_image_source(config.data)
   np.savez(reference, np.stack([images[i]["image"] for i in range(8)]))
-  config = override(config, **{"eval.inception_weights": str(weights), "eval.reference": str(reference)})
+  config = override(config, **{"eval.inception_weights": str(weights), "eval.reference": str(reference),
+                               "eval.save_samples": True})
 
   straight = train.train_and_evaluate(config, str(tmp_path / "a"))
   assert straight["step"] == 4 and straight["loss_perceptual"] > 0  # the perceptual phase on the latent U-Net
@@ -151,8 +151,9 @@ def test_the_latent_config_trains_samples_decodes_evaluates_and_resumes(encoded,
     assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-6)
   assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-6)
 
-  png = modes.sample_from_checkpoint(config, str(tmp_path / "a"))
-  with np.load(png[:-4] + ".npz") as f:
-    assert f["arr_0"].shape == (8, 16, 16, 3) and f["arr_0"].dtype == np.uint8  # decoded images, not latents
   result = modes.evaluate_checkpoint(config, str(tmp_path / "a"))
   assert np.isfinite(result["fid"]) and result["num_samples"] == 8
+  (saved,) = [f for f in os.listdir(tmp_path / "a" / "eval") if f.startswith("samples_step_4_")]
+  with np.load(tmp_path / "a" / "eval" / saved) as f:
+    assert f["arr_0"].shape == (8, 16, 16, 3) and f["arr_0"].dtype == np.uint8  # decoded images, not latents
+    assert len(set(f["arr_0"].reshape(8, -1).sum(1).tolist())) > 1
