@@ -83,7 +83,7 @@ class Variant:
     else:
       config.perceptual.weight = 0.0
     self.config = config
-    self.setup = train.Setup(config, "/nonexistent", with_data=False)
+    self.setup = train.Setup(config, with_data=False)
     self.state = self.setup.init_state(jax.random.key(seed))
     rng = np.random.default_rng(seed)
     shape = (config.batch_size,) + tuple(self.setup.model_shape)
@@ -212,7 +212,7 @@ def write_markdown(path: str, result: dict) -> None:
 def analytic_plan(config) -> dict:
   """Counts without compiling: params, float32 train-state bytes, and matmul FLOPs per step at the config's batch
   (training = forward + backward = 3 forwards; self-perceptual adds 3 encoder passes, see the header)."""
-  setup = train.Setup(config, "/nonexistent", with_data=False)
+  setup = train.Setup(config, with_data=False)
   forward, encoder = analytic_flops(setup)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
   state = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state))

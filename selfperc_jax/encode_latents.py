@@ -14,7 +14,6 @@ refused. Progress and ETA are printed as it goes.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import jax

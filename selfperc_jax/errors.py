@@ -15,3 +15,15 @@ class CheckpointError(UserError):
 
 class CorruptCheckpointError(CheckpointError):
   """A checkpoint that cannot be read back as it was written (unreadable files, a checksum mismatch)."""
+
+
+class EvaluationError(UserError):
+  """Inputs to an evaluation that cannot work (wrong shapes, a missing or malformed statistics file)."""
+
+
+class WorkdirLockedError(UserError):
+  """Another live run holds the workdir."""
+
+
+class NonFiniteError(UserError):
+  """The loss or the gradient became NaN/inf (on_nonfinite='stop')."""

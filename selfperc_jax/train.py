@@ -12,22 +12,24 @@ import numpy as np
 
 from selfperc_jax import (checkpoint, config_tree, data, space, diffusion, fileio, flops, generate, sharding, step as step_lib,
                           validation)
-from selfperc_jax.errors import CheckpointError, CorruptCheckpointError, UserError
+from selfperc_jax.errors import CheckpointError, CorruptCheckpointError, NonFiniteError, WorkdirLockedError
 from selfperc_jax.evaluation import evaluate
 from selfperc_jax.logging_utils import MetricLogger
 from selfperc_jax.preemption import PreemptionWatcher
-from selfperc_jax.workdir_lock import WorkdirLock, WorkdirLockedError
+from selfperc_jax.workdir_lock import WorkdirLock
 from selfperc_jax.models import unet
 
 
 class Setup:
   """Everything built from a config before the first step: mesh, data, model, optimizer, state layout."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, with_data: bool = True):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None, with_data: bool = True):
+    """workdir: a local path or a bucket URL (gs://...); None where nothing is read or written (the step alone)."""
     validation.validate(config)
     self.config = config
-    self.workdir = fileio.resolve(workdir)  # a local path or a bucket URL (gs://...)
-    fileio.check_workdir(self.workdir)
+    self.workdir = None if workdir is None else fileio.resolve(workdir)
+    if self.workdir is not None:
+      fileio.check_workdir(self.workdir)
     self.mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, self.mesh)
     sharding.check_divisible(int(config.sample.batch_size), "sample.batch_size", self.mesh)
@@ -232,10 +234,6 @@ def is_due(done: int, every: int, total: int) -> bool:
   """Whether a periodic action (every `every` steps, and at the last step; never when every is 0) runs after
   step `done`."""
   return every > 0 and (done % every == 0 or done == total)
-
-
-class NonFiniteError(UserError):
-  """The loss or the gradient became NaN/inf (on_nonfinite='stop')."""
 
 
 @jax.jit

@@ -16,14 +16,10 @@ import threading
 import time
 
 from selfperc_jax import fileio
-from selfperc_jax.errors import UserError
+from selfperc_jax.errors import WorkdirLockedError
 
 STALE_AFTER = 180.0  # seconds without a refresh after which another machine's lock counts as abandoned
 REFRESH_EVERY = 30.0  # a background thread of the holder rewrites the lock this often
-
-
-class WorkdirLockedError(UserError):
-  """Another live run holds the workdir."""
 
 
 def _boot_id() -> str:

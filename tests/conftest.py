@@ -106,20 +106,7 @@ def tiny_imagenet(tmp_path_factory):
 
 
 def write_random_vae(path, vae_config, seed: int = 0):
-  """A diffusers-layout .safetensors of Stable Diffusion's VAE layout at vae_config's size, seeded random weights
-  (conv / linear N(0, 1) / sqrt(fan_in), norms 1, biases 0): what a user's downloaded file looks like."""
-  import math
+  """A diffusers-layout .safetensors of Stable Diffusion's VAE layout at vae_config's size, seeded random weights."""
+  from benchmarks import fake_vae
 
-  import numpy as np
-
-  from third_party.sd_vae import convert
-
-  rng = np.random.default_rng(seed)
-  tensors = {}
-  for name, shape in convert.expected_shapes(vae_config).items():
-    if name.endswith(".weight") and len(shape) >= 2:
-      tensors[name] = (rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))).astype(np.float32)
-    else:
-      tensors[name] = (np.ones(shape) if name.endswith(".weight") else np.zeros(shape)).astype(np.float32)
-  convert.write_safetensors(str(path), tensors, metadata={"format": "pt"})
-  return str(path)
+  return fake_vae.write_random_vae(path, vae_config, seed)

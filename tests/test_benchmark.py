@@ -109,7 +109,7 @@ def test_remat_recomputes_blocks_and_gives_the_same_step(tiny):
     tiny.model.remat = remat
     tiny.perceptual.start_step = 0
     tiny.perceptual.mse_weight = 1.0  # from step 0 on a random network: the check refuses the feature loss alone
-    setup = train.Setup(tiny, "/nonexistent", with_data=False)
+    setup = train.Setup(tiny, with_data=False)
     state = setup.init_state(jax.random.key(0))
     for i in range(3):
       state, metrics = setup.step_fn(i)(state, sharding.global_batch(batch, setup.mesh), jax.random.key(1))
@@ -123,7 +123,7 @@ def test_remat_recomputes_blocks_and_gives_the_same_step(tiny):
 
 def test_analytic_plan_counts_without_compiling(tiny):
   plan = step_time.analytic_plan(tiny)
-  setup = train.Setup(tiny, "/nonexistent", with_data=False)
+  setup = train.Setup(tiny, with_data=False)
   forward, encoder = step_time.analytic_flops(setup)
   b = tiny.batch_size
   assert plan["forward_gflops_per_example"] == pytest.approx(forward / b / 1e9)

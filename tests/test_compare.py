@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from conftest import random_inception_weights
 from selfperc_jax.data import digits
 from selfperc_jax.evaluation import compare, metrics
 from selfperc_jax.images import to_uint8

@@ -9,7 +9,7 @@ from selfperc_jax.data import digits
 from selfperc_jax.errors import UserError
 from selfperc_jax.evaluation import digits_classifier as dc
 from selfperc_jax.evaluation import metrics
-from selfperc_jax.evaluation.metrics import EvaluationError
+from selfperc_jax.errors import EvaluationError
 
 
 def _random_spd(rng, d):

@@ -10,11 +10,11 @@ from selfperc_jax import data, sharding, step as step_lib, train
 from selfperc_jax.errors import ConfigError
 
 
-def _build(config, num_devices, workdir="/nonexistent", fsdp=1):
+def _build(config, num_devices, fsdp=1):
   """(mesh, make_state, step_fn): one compilation per phase serves several runs from the same initial state."""
   config.mesh.data = num_devices // fsdp
   config.mesh.fsdp = fsdp
-  setup = train.Setup(config, workdir)
+  setup = train.Setup(config)
   return setup.mesh, lambda: setup.init_state(jax.random.key(0)), setup.step_fn
 
 
@@ -225,7 +225,7 @@ def test_micro_batches_are_strided_slices():
 def test_step_flops_are_per_device_and_count_the_perceptual_term(small_config):
   per_device = {}
   for devices in (1, 8):
-    setup = train.Setup(_config_with(small_config, devices), "/nonexistent")
+    setup = train.Setup(_config_with(small_config, devices))
     per_device[devices] = (setup.step_flops(0), setup.step_flops(small_config.perceptual.start_step))
   (mse1, sp1), (mse8, sp8) = per_device[1], per_device[8]
   assert mse8 == pytest.approx(mse1 / 8, rel=1e-6) and sp8 == pytest.approx(sp1 / 8, rel=1e-6)

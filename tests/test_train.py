@@ -132,7 +132,7 @@ def _diverging(get_config, **overrides):
 
 
 def _all_params_finite(directory, step, config):
-  setup = train.Setup(config, "/nonexistent", with_data=False)
+  setup = train.Setup(config, with_data=False)
   state, _ = checkpoint.Checkpointer(directory, read_only=True).restore(step, setup.abstract_state)
   return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(state))
 
@@ -277,7 +277,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(trained, tmp
   assert os.listdir(broken / "checkpoints_corrupt") == ["12"]  # moved aside, not deleted
   assert sorted(os.listdir(broken / "checkpoints")) == ["12", "6"]  # step 12 trained and saved again
   assert checkpoint.Checkpointer(str(broken / "checkpoints"), read_only=True).restore(
-      12, train.Setup(_tiny(get_config), "/nonexistent", with_data=False).abstract_state)[0] is not None
+      12, train.Setup(_tiny(get_config), with_data=False).abstract_state)[0] is not None
 
 
 @pytest.mark.slow

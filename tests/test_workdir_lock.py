@@ -9,7 +9,8 @@ import time
 import pytest
 
 from selfperc_jax import workdir_lock
-from selfperc_jax.workdir_lock import WorkdirLock, WorkdirLockedError
+from selfperc_jax.errors import WorkdirLockedError
+from selfperc_jax.workdir_lock import WorkdirLock
 
 
 def _dead_pid():

@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from selfperc_jax import fileio
 from selfperc_jax.data import digits
-from selfperc_jax.evaluation.metrics import EvaluationError
+from selfperc_jax.errors import EvaluationError
 
 IMAGE_SHAPE = (8, 8, 1)
 FEATURE_DIM = 128

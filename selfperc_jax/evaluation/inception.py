@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from selfperc_jax import sharding
-from selfperc_jax.evaluation.metrics import EvaluationError
+from selfperc_jax.errors import EvaluationError
 
 
 class InceptionFeatures:

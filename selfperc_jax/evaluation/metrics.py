@@ -18,11 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from selfperc_jax import fileio
-from selfperc_jax.errors import UserError
-
-
-class EvaluationError(UserError):
-  """Inputs to an evaluation that cannot work (wrong shapes, a missing or malformed statistics file)."""
+from selfperc_jax.errors import EvaluationError  # noqa: F401  (raised here; metrics.EvaluationError for callers)
 
 
 # --------------------------------------------------------------------------------------------------------------------
