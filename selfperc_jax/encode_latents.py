@@ -29,11 +29,13 @@ from selfperc_jax.logging_utils import Progress
 def _moments_fn(vae, flips: bool):
   def moments(params, images):
     x = images.astype(jnp.float32) / 127.5 - 1.0
+    if flips:  # the crops and their mirror images through the encoder as one batch of 2B
+      x = jnp.concatenate([x, x[:, :, ::-1]])
     mean, logvar = vae.apply(params, x, method=vae.encode)
     out = [mean, jnp.exp(0.5 * logvar)]
     if flips:
-      mean_f, logvar_f = vae.apply(params, x[:, :, ::-1], method=vae.encode)
-      out += [mean_f, jnp.exp(0.5 * logvar_f)]
+      b = images.shape[0]
+      out = [mean[:b], out[1][:b], mean[b:], out[1][b:]]
     return jnp.stack(out, axis=1).astype(latents.DTYPE)  # (B, k, h, w, c)
 
   return moments
@@ -130,12 +132,11 @@ def run(config) -> dict:
     os.replace(tmp, final)
   sharding.broadcast_from_process_0(np.int32(0))  # every process has finished its shards
   missing = latents.missing_shards(directory, layout)
+  rate = done / max(time.perf_counter() - t0, 1e-9)
   if lead:
-    rate = done / max(time.perf_counter() - t0, 1e-9)
     print(f"encoded {done} images ({rate:.1f} images/s) into {directory}; "
           + ("complete." if not missing else f"{len(missing)} shards missing (run again)."), flush=True)
-  return {"encoded": len(todo), "skipped": len(mine) - len(todo), "images_per_s": done / max(
-      time.perf_counter() - t0, 1e-9)}
+  return {"encoded": len(todo), "skipped": len(mine) - len(todo), "images_per_s": rate}
 
 
 def main(argv):
