@@ -52,6 +52,7 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   def derived(**values):
     c = ml_collections.ConfigDict(config.to_dict())
     c.eval_every = 0  # the comparison evaluates each stage's final checkpoint itself
+    c.sample_every = 0  # and draws the side-by-side grids of the branches (grids/)
     return config_tree.set_values(c, values)
 
   weight = float(p.weight) or 1.0  # an MSE-only config ('mse' argument) still compares the perceptual branches

@@ -24,6 +24,7 @@ def files(tmp_path_factory):
   return d
 
 
+@pytest.mark.slow
 def test_real_digits_beat_noise(files, capsys):
   real = compare.compare(str(files / "ref.npz"), str(files / "real.npz"))
   noise = compare.compare(str(files / "ref.npz"), str(files / "noise.npz"))
@@ -37,6 +38,7 @@ def test_real_digits_beat_noise(files, capsys):
   assert "fid" in out and "class_accuracy" in out
 
 
+@pytest.mark.slow
 def test_reference_statistics_file_gives_the_same_scores(files):
   from selfperc_jax.evaluation import digits_classifier
 
@@ -48,6 +50,7 @@ def test_reference_statistics_file_gives_the_same_scores(files):
   assert a == pytest.approx(b, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_samples_without_labels_get_no_class_accuracy(files):
   result = compare.compare(str(files / "ref.npz"), str(files / "unlabelled.npz"))
   assert "class_accuracy" not in result and result["fid"] >= 0

@@ -52,6 +52,7 @@ def test_topologies_shard_as_documented():
     assert config.model.dtype == "bfloat16" and config.model.remat
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["imagenet256", "imagenet256_latent"])
 def test_imagenet_parameter_count_is_the_one_in_its_docstring(name):
   config = load_config(name)

@@ -211,12 +211,14 @@ def digit_sets():
   return {"train": train_x, "test": test_x, "test_labels": test_y, "blur": _box_blur(test_x), "noise": noise}
 
 
+@pytest.mark.slow
 def test_classifier_trains_in_seconds_and_generalises(trained, digit_sets):
   classifier, seconds = trained
   assert seconds < 90.0  # ~5-10 s on 2 CPU cores; the bound only catches a pathological slowdown
   assert classifier.accuracy(digit_sets["test"], digit_sets["test_labels"]) >= 0.93  # observed 0.97
 
 
+@pytest.mark.slow
 def test_classifier_outputs_and_input_conventions(trained, digit_sets):
   classifier, _ = trained
   x = digit_sets["test"]
@@ -234,6 +236,7 @@ def test_classifier_outputs_and_input_conventions(trained, digit_sets):
     classifier.features(np.full((2, 8, 8, 1), 255.0, np.float32))
 
 
+@pytest.mark.slow
 def test_fid_in_classifier_features_ranks_real_blurred_noise(trained, digit_sets):
   classifier, _ = trained
   train_feats = classifier.features(digit_sets["train"])
@@ -250,6 +253,7 @@ def test_fid_in_classifier_features_ranks_real_blurred_noise(trained, digit_sets
   assert is_real > 8.0  # confident, class-balanced predictions on real digits (observed ~9.0)
 
 
+@pytest.mark.slow
 def test_classifier_save_load_round_trip_and_bad_files(trained, digit_sets, tmp_path):
   classifier, _ = trained
   path = str(tmp_path / "clf.npz")
@@ -270,6 +274,7 @@ def test_classifier_save_load_round_trip_and_bad_files(trained, digit_sets, tmp_
     dc.DigitsClassifier.load(str(tmp_path / "missing.npz"))
 
 
+@pytest.mark.slow
 def test_cached_classifier_trains_once_then_loads(trained, digit_sets, tmp_path, monkeypatch):
   classifier, _ = trained
   calls = []

@@ -17,10 +17,11 @@ def test_stages_are_one_pretraining_and_branches_continued_from_it(digits_config
   start, total = config.perceptual.start_step, config.total_steps
   assert list(stages) == ["pretrain", "mse", "perceptual", "mse_perceptual"]
   pre = stages["pretrain"]
-  assert pre.total_steps == start and pre.perceptual.weight == 0 and pre.init_from == ""
+  assert pre.total_steps == start and pre.perceptual.weight == 0 and pre.init_from == "" and pre.sample_every == 0
   for name in ("mse", "perceptual", "mse_perceptual"):
     c = stages[name]
     assert c.total_steps == total - start and c.init_from == str(tmp_path / "pretrain") and c.eval_every == 0
+    assert c.sample_every == 0
   assert stages["mse"].perceptual.weight == 0
   paper = stages["perceptual"].perceptual
   assert paper.weight > 0 and paper.mse_weight == 0 and paper.start_step == 0 and paper.copy_ema_decay == 1.0

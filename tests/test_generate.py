@@ -54,7 +54,9 @@ def _draw(gen, params, labels, seed=3, start=0):
   return chunks, np.concatenate([c.images for c in chunks])
 
 
-@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+# One sampler in the fast subset; the others (the same chunking, other update rules) in the full suite.
+@pytest.mark.parametrize("sampler", [s if s == "ddim" else pytest.param(s, marks=pytest.mark.slow)
+                                     for s in samplers.SAMPLERS])
 def test_samples_do_not_depend_on_chunk_size_or_device_count(model_and_params, sampler):
   model, params = model_and_params
   labels = generate.class_labels(20, NUM_CLASSES)  # 21 labels: 7 per class

@@ -29,7 +29,8 @@ def _free_port():
 
 def _env(devices):
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  # Keeps conftest's compile flags (the subprocesses compile the same programs); only the device count differs.
+  env["XLA_FLAGS"] = os.environ["XLA_FLAGS"].replace("device_count=8", f"device_count={devices}")
   return env
 
 

@@ -100,6 +100,7 @@ def test_multislice_mesh_keeps_each_fsdp_group_inside_one_slice():
     sharding.device_grid(1, 8, devices)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["ema", "online"])
 def test_copy_is_its_source_at_the_start_step_then_stays_frozen(small_config, source):
   """The paper's setting: from the start step on, the loss is the feature distance alone (perceptual.mse_weight=0)
@@ -128,6 +129,7 @@ def test_copy_is_its_source_at_the_start_step_then_stays_frozen(small_config, so
     assert m["loss"] == pytest.approx(m["loss_perceptual"], rel=1e-6) and m["loss_mse"] > 0
 
 
+@pytest.mark.slow
 def test_copy_with_decay_below_one_follows_the_online_params(small_config):
   small_config.perceptual.copy_ema_decay = 0.5
   small_config.perceptual.copy_source = "online"
@@ -142,6 +144,7 @@ def test_copy_with_decay_below_one_follows_the_online_params(small_config):
   np.testing.assert_allclose(leaf(after), 0.5 * leaf(before) + 0.5 * leaf(online), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_mse_only_step_has_no_copy_and_no_perceptual_term(digits_config):
   config = digits_config("tiny,mse")
   batches = _batches(config, 2)

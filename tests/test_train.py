@@ -56,6 +56,7 @@ def trained(tmp_path_factory):
   return workdir, get_config
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(trained, tmp_path):
   workdir, get_config = trained
   config = _tiny(get_config)
@@ -92,6 +93,7 @@ def test_restore_onto_a_different_mesh_continues_the_same_run(trained, tmp_path)
       np.testing.assert_allclose(b[k], a[k], rtol=2e-4, atol=1e-6, err_msg=f"step {a['step']} {k}")
 
 
+@pytest.mark.slow
 def test_finished_run_restarted_trains_nothing_and_keeps_its_files(trained):
   workdir, get_config = trained
   before = _snapshot(workdir)
@@ -158,6 +160,7 @@ def test_skip_mode_skips_non_finite_updates_and_keeps_the_state_finite(digits_co
   assert _all_params_finite(str(tmp_path / "checkpoints"), 16, config)
 
 
+@pytest.mark.slow
 def test_sampling_refuses_a_checkpoint_with_non_finite_params(trained, tmp_path):
   workdir, get_config = trained
   copy = tmp_path / "copy"
@@ -195,6 +198,7 @@ def test_metrics_keep_one_row_per_step_after_a_resume(trained, tmp_path):
     ({"optimizer.grad_clip": 0.0}, "optimizer.grad_clip=1.0 (now 0.0)"),
     ({"perceptual.share_with_sampling_ema": True}, "perceptual.share_with_sampling_ema=False (now True)"),
 ])
+@pytest.mark.slow
 def test_a_change_of_what_the_state_holds_is_refused_by_name(trained, overrides, named):
   workdir, get_config = trained
   before = _snapshot(workdir)
@@ -222,6 +226,7 @@ def test_other_config_changes_are_listed_at_resume_and_kept_in_the_history(train
     assert len(f.readlines()) == 1
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_is_refused_and_nothing_is_lost(trained):
   workdir, get_config = trained
   before = _snapshot(workdir)
@@ -293,6 +298,7 @@ def test_no_restorable_checkpoint_is_an_error_that_changes_nothing(trained, tmp_
   assert _snapshot(broken) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("copy_source", ["ema", "online"])
 def test_init_from_starts_from_the_source_params(trained, tmp_path, copy_source):
   workdir, get_config = trained
@@ -310,6 +316,7 @@ def test_init_from_starts_from_the_source_params(trained, tmp_path, copy_source)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_init_from_missing_or_incompatible_is_refused(trained, tmp_path):
   workdir, get_config = trained
   with pytest.raises(CheckpointError, match="does not exist"):
@@ -460,6 +467,7 @@ def test_main_smoke_trains_checkpoints_and_samples(tmp_path):
     np.testing.assert_array_equal(f["arr_0"], images)
 
 
+@pytest.mark.slow
 def test_eval_mode_adds_one_entry_per_setting(trained):
   workdir, get_config = trained
   with open(os.path.join(workdir, "eval", "step_12.json")) as f:

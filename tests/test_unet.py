@@ -250,6 +250,7 @@ def test_unet_from_config_float32_fields():
   assert model.num_classes == NUM_CLASSES and model.null_class == NUM_CLASSES
 
 
+@pytest.mark.slow
 def test_bfloat16_model_runs_and_returns_float32(params):
   model = unet_from_config(_model_cfg("bfloat16"), out_channels=1)
   assert model.dtype == jnp.bfloat16
