@@ -32,10 +32,8 @@ def _moments_fn(vae, flips: bool):
     if flips:  # the crops and their mirror images through the encoder as one batch of 2B
       x = jnp.concatenate([x, x[:, :, ::-1]])
     mean, logvar = vae.apply(params, x, method=vae.encode)
-    out = [mean, jnp.exp(0.5 * logvar)]
-    if flips:
-      b = images.shape[0]
-      out = [mean[:b], out[1][:b], mean[b:], out[1][b:]]
+    std, b = jnp.exp(0.5 * logvar), images.shape[0]
+    out = [mean[:b], std[:b], mean[b:], std[b:]] if flips else [mean, std]
     return jnp.stack(out, axis=1).astype(latents.DTYPE)  # (B, k, h, w, c)
 
   return moments
