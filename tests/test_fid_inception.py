@@ -119,6 +119,7 @@ def _assert_same_tree(a, b):
 # --- the forward pass ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # compiles the full 299x299 network (~9 s); layout and conversion tests stay fast
 def test_forward_gives_pool_and_logits(forward):
   out, _ = forward
   assert set(out) == {"pool", "logits"}
@@ -252,6 +253,7 @@ def test_max_pool_padding_never_wins():
     model.branch_pool_3x3(x, "avg")
 
 
+@pytest.mark.slow  # compiles the full 299x299 network (~9 s); layout and conversion tests stay fast
 def test_network_pools_as_the_fid_graph(forward):
   # Each mixed block's sown branch_pool input and output, from the real forward pass: Mixed_7c max-pools, every
   # other branch_pool averages without counting the padding (which differs from counting it, at the border).
@@ -417,6 +419,7 @@ def test_layout_is_that_of_pytorch_fids_network(parity):
   assert ours == torch_layout
 
 
+@pytest.mark.slow  # compiles the full 299x299 network (~9 s); layout and conversion tests stay fast
 def test_network_matches_pytorch_fid(parity):
   state_dict = make_fixture.random_state_dict(convert.expected_shapes(), int(parity["seed"]))
   np.testing.assert_allclose(make_fixture.checksums(state_dict), parity["checksums"], rtol=1e-6, atol=1e-6,

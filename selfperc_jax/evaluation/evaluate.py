@@ -85,8 +85,9 @@ def load_batch(path: str, what: str):
   return images, labels
 
 
-def reference_from_file(path: str, network) -> np.ndarray:
-  """Features of a reference .npz: stored ones (mu, sigma, features) or computed from its images (arr_0)."""
+def load_reference_file(path: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """(stored features, None) of reference statistics (mu, sigma, features) or (None, uint8 images) of a reference
+  batch (arr_0), checked; one clear error otherwise. Needs no feature network, so a bad file fails before one is built."""
   if not fileio.exists(path):
     raise metrics.EvaluationError(f"reference file {path} does not exist.")
   try:
@@ -96,11 +97,21 @@ def reference_from_file(path: str, network) -> np.ndarray:
     raise metrics.EvaluationError(f"reference file {path} is not a readable .npz ({type(e).__name__}); give a "
                                   "reference batch (arr_0 images) or reference statistics (mu, sigma, features).") from e
   if {"mu", "sigma", "features"} <= keys:
-    return metrics.load_reference(path).features
+    return metrics.load_reference(path).features, None
   if "arr_0" not in keys:
     raise metrics.EvaluationError(f"reference file {path} holds neither 'arr_0' (images) nor mu/sigma/features; "
                                   f"it holds {sorted(keys)}.")
-  return network.features(load_batch(path, "reference")[0])
+  return None, load_batch(path, "reference")[0]
+
+
+def reference_from_file(path: str, network) -> np.ndarray:
+  """Features of a reference .npz: stored ones (mu, sigma, features) or computed from its images (arr_0)."""
+  return features_of_reference(load_reference_file(path), network)
+
+
+def features_of_reference(loaded: tuple, network) -> np.ndarray:
+  stored, images = loaded
+  return stored if stored is not None else network.features(images)
 
 
 def embed(network, images) -> tuple[np.ndarray, np.ndarray]:
