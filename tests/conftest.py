@@ -28,6 +28,30 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def subprocess_env(devices: int) -> dict:
+  """The environment of a process a test starts: conftest's compile flags (the processes compile the same programs,
+  and share the session's compilation cache), with `devices` simulated CPU devices."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env["XLA_FLAGS"] = os.environ["XLA_FLAGS"].replace("device_count=8", f"device_count={devices}")
+  return env
+
+
+def start_two_processes(module: str, args: list[str], devices_each: int = 4):
+  """`python -m module *args` as the two processes of one JAX distributed run on this host (a pod slice of two
+  hosts in miniature), with a coordinator on a free local port; output merged into stdout (text)."""
+  import socket
+  import subprocess
+  import sys
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  return [subprocess.Popen([sys.executable, "-m", module, *args, f"--coordinator_address=127.0.0.1:{port}",
+                            "--num_processes=2", f"--process_id={i}"], cwd=REPO, env=subprocess_env(devices_each),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for i in range(2)]
+
+
 def load_config(name: str, arg: str = ""):
   """configs/<name>.py's get_config(arg), loaded from the file as main does."""
   import importlib.util

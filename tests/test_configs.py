@@ -12,7 +12,7 @@ from conftest import REPO, load_config
 from selfperc_jax import config_tree, sharding, space, validation
 from selfperc_jax.models import unet
 
-VARIANTS = {"digits": ["", "tiny", "mse", "tiny,mse"], "imagenet256": ["", "tpu", "gpu", "tpu,mse", "gpu,mse"],
+VARIANTS = {"digits": ["", "tiny", "mse", "tiny,mse", "small", "small,mse"], "imagenet256": ["", "tpu", "gpu", "tpu,mse", "gpu,mse"],
             "imagenet256_latent": ["", "gpu", "tpu,mse"]}
 
 
@@ -36,6 +36,16 @@ def test_imagenet256_defaults_to_the_pod_slice_and_rejects_unknown_arguments():
   for bad in ("v4", "tpu,gpu", "gpu,tiny"):
     with pytest.raises(ValueError, match="imagenet256.py"):
       load_config("imagenet256", bad)
+
+
+def test_digits_small_halves_width_and_steps_and_rejects_unknown_arguments():
+  default, small = load_config("digits"), load_config("digits", "small")
+  assert small.model.base_channels * 2 == default.model.base_channels
+  assert small.total_steps * 2 == default.total_steps
+  assert 0 < small.perceptual.start_step < small.total_steps
+  for bad in ("big", "tiny,small", "small,foo"):
+    with pytest.raises(ValueError, match="digits.py"):
+      load_config("digits", bad)
 
 
 def test_topologies_shard_as_documented():

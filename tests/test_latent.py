@@ -162,26 +162,15 @@ def test_the_latent_config_trains_samples_decodes_evaluates_and_resumes(encoded,
 @pytest.mark.slow
 def test_two_processes_encode_their_own_shards_into_one_folder(encoded, tmp_path):
   """2 processes x 4 devices (as on a pod slice: shard i on process i mod 2) write what 1 process x 8 wrote."""
-  import socket
-  import subprocess
-  import sys
-
-  from conftest import REPO
+  from conftest import start_two_processes
 
   config, _ = encoded
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
   flags = ["--config=configs/imagenet256_latent.py:gpu", f"--config.data.dir={config.data.dir}",
            "--config.data.image_size=16", f"--config.latent.vae_weights={config.latent.vae_weights}",
            f"--config.latent.dir={tmp_path / 'latents'}", "--config.latent.shard_size=7",
            "--config.latent.encode_batch_size=4", "--config.latent.block_out_channels=(8,16)",
            "--config.latent.layers_per_block=1", "--config.latent.norm_groups=4"]
-  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
-  procs = [subprocess.Popen([sys.executable, "-m", "selfperc_jax.encode_latents", *flags,
-                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  procs = start_two_processes("selfperc_jax.encode_latents", flags)
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]

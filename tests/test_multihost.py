@@ -4,7 +4,6 @@ devices does: the steps, checkpoints, sample grids, evaluation, and a preemption
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, start_two_processes, subprocess_env
 
 OVERRIDES = ["--config.total_steps=6", "--config.log_every=1", "--config.sample_every=6", "--config.eval_every=6",
              "--config.checkpoint_every=3", "--config.perceptual.start_step=3",
@@ -21,25 +20,8 @@ OVERRIDES = ["--config.total_steps=6", "--config.log_every=1", "--config.sample_
 pytestmark = pytest.mark.slow
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices):
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  # Keeps conftest's compile flags (the subprocesses compile the same programs); only the device count differs.
-  env["XLA_FLAGS"] = os.environ["XLA_FLAGS"].replace("device_count=8", f"device_count={devices}")
-  return env
-
-
 def _start_two(args, workdir):
-  port = _free_port()
-  return [subprocess.Popen([sys.executable, "-m", "selfperc_jax.main", *args, f"--workdir={workdir}",
-                            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-                           cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-          for i in range(2)]
+  return start_two_processes("selfperc_jax.main", [*args, f"--workdir={workdir}"])
 
 
 def _rows(workdir):
@@ -56,7 +38,7 @@ def test_two_processes_equal_one_process_in_every_periodic_action(tmp_path):
   args = ["--config=configs/digits.py:tiny"] + OVERRIDES
   procs = _start_two(args, multi)
   baseline = subprocess.run([sys.executable, "-m", "selfperc_jax.main", *args, f"--workdir={single}"], cwd=REPO,
-                            env=_env(8), capture_output=True, text=True, timeout=600)
+                            env=subprocess_env(8), capture_output=True, text=True, timeout=600)
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   assert baseline.returncode == 0, baseline.stderr[-3000:]
   for p, out in zip(procs, outputs):
