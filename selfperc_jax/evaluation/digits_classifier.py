@@ -185,12 +185,23 @@ def train_classifier(seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int 
   if steps < 1:
     raise EvaluationError(f"train_classifier needs steps >= 1; got {steps}.")
   images, labels = digits.load("train", image_size=IMAGE_SHAPE[0])
-  module = DigitsCNN()
+  module, tx, init, step = _training_program(steps, learning_rate)
   init_key, shift_key = jax.random.split(jax.random.key(seed))
-  params = module.init(init_key, jnp.zeros((1, *IMAGE_SHAPE)))["params"]
-  tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
+  params = init(init_key)
   indices = _batch_indices(seed, steps, batch_size, len(images))
   images, labels = jnp.asarray(images), jnp.asarray(labels)
+  opt_state = tx.init(params)
+  for idx, key in zip(indices, jax.random.split(shift_key, steps)):
+    params, opt_state = step(params, opt_state, images, labels, idx, key)
+  return DigitsClassifier(jax.device_get(params), module)
+
+
+@functools.lru_cache(maxsize=4)
+def _training_program(steps: int, learning_rate: float):
+  """(module, optimizer, jitted init(key), jitted step): traced and compiled once per (steps, learning rate), so
+  classifiers trained with other seeds reuse them."""
+  module = DigitsCNN()
+  tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
 
   def shift(x, key):
     """Random translation by up to one pixel per axis, the border repeated."""
@@ -209,10 +220,8 @@ def train_classifier(seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int 
     updates, opt_state = tx.update(grads, opt_state, p)
     return optax.apply_updates(p, updates), opt_state
 
-  opt_state = tx.init(params)
-  for idx, key in zip(indices, jax.random.split(shift_key, steps)):
-    params, opt_state = step(params, opt_state, images, labels, idx, key)
-  return DigitsClassifier(jax.device_get(params), module)
+  init = jax.jit(lambda key: module.init(key, jnp.zeros((1, *IMAGE_SHAPE)))["params"])
+  return module, tx, init, step
 
 
 @functools.lru_cache(maxsize=4)
