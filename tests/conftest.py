@@ -9,19 +9,22 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
                            " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One persistent compilation cache for the session, shared with the processes the tests start: many tests compile
-# the same tiny-config steps. (The executables are the same; only the compile time is saved.)
-import atexit  # noqa: E402
+# One persistent compilation cache, kept between runs in .pytest_cache/ (git-ignored) and shared with the processes
+# the tests start: within a run many tests compile the same tiny-config programs, and in an edit-test loop the next
+# run compiles only the programs the edit changed (the fast subset on 2 cores, 2026-11-29: 157 s with an empty cache,
+# 77 s on the next run). An entry's key is the program itself with the compile options, XLA flags and jaxlib
+# version, so a stale entry is never hit; the folder is emptied once it passes 512 MiB. A JAX_COMPILATION_CACHE_DIR
+# set by the caller is used instead (CI's clean clone starts with an empty cache either way).
+import pathlib  # noqa: E402
 import shutil  # noqa: E402
-import tempfile  # noqa: E402
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _cache = tempfile.mkdtemp(prefix="selfperc_jax_test_cache_")
-  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  _cache = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation_cache"
+  if _cache.is_dir() and sum(f.stat().st_size for f in _cache.iterdir() if f.is_file()) > 512 << 20:
+    shutil.rmtree(_cache, ignore_errors=True)
+  _cache.mkdir(parents=True, exist_ok=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache)
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-
-import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 

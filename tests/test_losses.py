@@ -144,6 +144,7 @@ def test_gradients_only_reach_the_prediction_shared(params):
   assert np.all(np.asarray(jnp.sum(jnp.abs(g_x0_hat), axis=(1, 2, 3))) > 0)
 
 
+@pytest.mark.slow  # a check of the check (the other gradient tests), not of the code
 def test_param_gradient_check_is_not_vacuous(model, params):
   """Without the stop-gradient in features_fn the params would get gradient: the loss itself does not stop it."""
   x0, x0_hat, eps, eps_hat, labels = _arrays(3)

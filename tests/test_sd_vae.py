@@ -158,7 +158,7 @@ def _old_attention_state_dict(sd):
 # --- parity with diffusers -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["x", "x_odd", "x_quiet"])
+@pytest.mark.parametrize("name", ["x", "x_odd", pytest.param("x_quiet", marks=pytest.mark.slow)])
 def test_encode_matches_diffusers(fixture, variables, apply, name):
   encode, _ = apply
   mean, logvar = encode(variables, fixture[name])
@@ -174,7 +174,7 @@ def test_encode_matches_diffusers(fixture, variables, apply, name):
 
 
 @pytest.mark.parametrize("latents,expected", [("x_mean", "x_decoded_mean"), ("z", "z_decoded"),
-                                              ("z_quiet", "z_quiet_decoded")])
+                                              pytest.param("z_quiet", "z_quiet_decoded", marks=pytest.mark.slow)])
 def test_decode_matches_diffusers(fixture, variables, apply, latents, expected):
   _, decode = apply
   diff = _max_diff(decode(variables, fixture[latents]), fixture[expected])
