@@ -7,9 +7,9 @@
 The default follows the paper's recipe in one run: plain MSE pre-training until `perceptual.start_step`, at which
 point the perceptual copy is taken from the sampling EMA (the "released" MSE model) and frozen, then training on the
 self-perceptual feature distance alone (`perceptual.mse_weight=0`). Arguments: '' (default), 'tiny', 'mse' (MSE
-only), 'small' (half the channels and half the steps: a harder setting for the comparison, where the pre-trained
-model is further from converged); they combine with commas, e.g. 'tiny,mse'. The paper's whole comparison (MSE, MSE + guidance,
-self-perceptual, from one pre-training) is one command:
+only), 'small' (half the channels, half the total steps: 600 + 600 instead of 1400 + 1000; a harder setting for the
+comparison, where the pre-trained model is further from converged); they combine with commas, e.g. 'tiny,mse'. The
+paper's whole comparison (MSE, MSE + guidance, self-perceptual, from one pre-training) is one command:
 
   python -m selfperc_jax.experiments --config=configs/digits.py --workdir=workdirs/digits_comparison
 """
@@ -20,9 +20,11 @@ import ml_collections
 def get_config(arg=None):
   args = set(filter(None, (arg or "").split(",")))
   unknown = args - {"tiny", "mse", "small"}
-  if unknown or {"tiny", "small"} <= args:
-    raise ValueError(f"configs/digits.py: argument(s) {sorted(unknown or args)} not understood; use 'tiny' or "
-                     "'small', 'mse', both comma-separated, or nothing.")
+  if unknown:
+    raise ValueError(f"configs/digits.py: unknown argument(s) {sorted(unknown)}; use 'tiny' or 'small', 'mse', "
+                     "comma-separated, or nothing.")
+  if {"tiny", "small"} <= args:
+    raise ValueError("configs/digits.py: 'tiny' and 'small' are two sizes; give one of them.")
 
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -175,7 +177,7 @@ def get_config(arg=None):
     config.sample.num_samples = 20
     config.sample.batch_size = 32
     config.eval.num_samples = 50
-  if "small" in args:  # the default's recipe at half the width and half the steps (pre-training and branches)
+  if "small" in args:  # the default's recipe at half the width and half the total steps (600 + 600)
     config.total_steps = 1200
     config.perceptual.start_step = 600
     config.model.base_channels = 16

@@ -18,12 +18,32 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
 
+
+def _compilation_cache() -> str:
+  """The kept folder, emptied past 512 MiB; a fresh temporary one (removed at exit) where the repo is read-only."""
+  folder = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation_cache"
+  try:
+    size = 0
+    for entry in (folder.iterdir() if folder.is_dir() else ()):
+      try:
+        size += entry.stat().st_size
+      except FileNotFoundError:  # removed meanwhile by another test session
+        pass
+    if size > 512 << 20:
+      shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
+  except OSError:
+    import atexit
+    import tempfile
+
+    temporary = tempfile.mkdtemp(prefix="selfperc_jax_test_cache_")
+    atexit.register(shutil.rmtree, temporary, ignore_errors=True)
+    return temporary
+
+
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _cache = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation_cache"
-  if _cache.is_dir() and sum(f.stat().st_size for f in _cache.iterdir() if f.is_file()) > 512 << 20:
-    shutil.rmtree(_cache, ignore_errors=True)
-  _cache.mkdir(parents=True, exist_ok=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _compilation_cache()
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import pytest  # noqa: E402

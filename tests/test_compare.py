@@ -72,6 +72,42 @@ def test_bad_files_are_one_line_errors(files, tmp_path, capsys, monkeypatch):
   assert "has no 'arr_0'" in capsys.readouterr().err
 
 
+class _PixelFeatures:
+  """A stand-in feature network (the pixels as features, no class scores), for the CLI's plumbing without the ~30 s
+  of training the digits classifier."""
+
+  def features(self, images):
+    return np.asarray(images, np.float64).reshape(len(images), -1) / 255.0
+
+  def logits(self, images):
+    return np.zeros((len(images), 10), np.float32)
+
+
+def test_a_reference_batch_and_its_statistics_give_the_same_scores(tmp_path, monkeypatch):
+  monkeypatch.setattr(compare.evaluate, "make_feature_network", lambda *a, **k: _PixelFeatures())
+  rng = np.random.default_rng(0)
+  reference, samples = (rng.integers(0, 256, size=(40, 4, 4, 1), dtype=np.uint8) for _ in range(2))
+  np.savez(tmp_path / "ref.npz", reference)
+  metrics.save_reference(str(tmp_path / "stats.npz"), _PixelFeatures().features(reference))
+  np.savez(tmp_path / "samples.npz", samples)
+  from_images = compare.compare(str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"))
+  from_stats = compare.compare(str(tmp_path / "stats.npz"), str(tmp_path / "samples.npz"))
+  assert from_images == pytest.approx(from_stats, rel=1e-6) and from_images["fid"] > 0
+  assert compare.compare(str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz"))["fid"] == pytest.approx(0, abs=1e-4)
+
+
+def test_bad_reference_files_are_one_line_errors(files, tmp_path, capsys, monkeypatch):
+  _no_feature_network(monkeypatch)
+  np.savez(tmp_path / "keys.npz", mean=np.zeros(3))
+  np.savez(tmp_path / "floats.npz", np.zeros((4, 8, 8, 1), np.float32))
+  (tmp_path / "text.npz").write_text("not a zip file")
+  for name, message in [("keys", "holds neither 'arr_0'"), ("floats", "arr_0 must be uint8 images"),
+                        ("text", "is not a readable .npz")]:
+    assert compare.main([str(tmp_path / f"{name}.npz"), str(files / "real.npz")]) == 2, name
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, (name, err)
+
+
 def _bad_batches(d):
   """(file, expected message) for every malformed sample batch a user has handed the CLI."""
   images = np.zeros((4, 8, 8, 1), np.uint8)

@@ -286,6 +286,18 @@ def test_cached_classifier_trains_once_then_loads(trained, digit_sets, tmp_path,
   np.testing.assert_array_equal(second.logits(digit_sets["test"]), first.logits(digit_sets["test"]))
 
 
+def test_compiled_init_gives_the_eager_init_bit_for_bit():
+  """The cached classifiers (and the scores in docs/results.md) were made with Flax's eager init."""
+  import jax
+  import jax.numpy as jnp
+
+  _, _, init, _ = dc._training_program(3, dc.DEFAULT_LEARNING_RATE)
+  key = jax.random.key(4)
+  eager = dc.DigitsCNN().init(key, jnp.zeros((1, *dc.IMAGE_SHAPE)))["params"]
+  same = jax.tree_util.tree_map(np.array_equal, init(key), eager)
+  assert all(jax.tree_util.tree_leaves(same))
+
+
 def test_training_is_deterministic_from_the_seed():
   import jax
 

@@ -87,15 +87,16 @@ def load_batch(path: str, what: str):
 
 def load_reference_file(path: str) -> tuple[np.ndarray | None, np.ndarray | None]:
   """(stored features, None) of reference statistics (mu, sigma, features) or (None, uint8 images) of a reference
-  batch (arr_0), checked; one clear error otherwise. Needs no feature network, so a bad file fails before one is built."""
+  batch (arr_0), checked; one clear error otherwise. Needs no feature network: a bad file fails before one is built."""
   if not fileio.exists(path):
     raise metrics.EvaluationError(f"reference file {path} does not exist.")
   try:
     with fileio.load_npz(path) as f:
       keys = set(f.files)
   except Exception as e:  # empty, truncated, not a zip
-    raise metrics.EvaluationError(f"reference file {path} is not a readable .npz ({type(e).__name__}); give a "
-                                  "reference batch (arr_0 images) or reference statistics (mu, sigma, features).") from e
+    raise metrics.EvaluationError(
+        f"reference file {path} is not a readable .npz ({type(e).__name__}); give a reference batch (arr_0 "
+        "images) or reference statistics (mu, sigma, features).") from e
   if {"mu", "sigma", "features"} <= keys:
     return metrics.load_reference(path).features, None
   if "arr_0" not in keys:
@@ -110,6 +111,7 @@ def reference_from_file(path: str, network) -> np.ndarray:
 
 
 def features_of_reference(loaded: tuple, network) -> np.ndarray:
+  """The reference features from what load_reference_file returned: the stored ones, or those of its images."""
   stored, images = loaded
   return stored if stored is not None else network.features(images)
 
