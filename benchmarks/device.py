@@ -1,17 +1,19 @@
 """The device benchmark: one short script for one lent accelerator (an H100/H200 GPU, a TPU chip), under 8 minutes.
 
-  python benchmarks/device.py --config=configs/imagenet256.py:gpu --out=BENCHMARKS.md
+  python benchmarks/device.py --out=BENCHMARKS.md      # configs/imagenet256.py:gpu, then imagenet256_latent.py:gpu
 
-On that one device: the largest per-device batch (of --batches) at which the self-perceptual step compiles and runs,
-then at that batch the MSE and self-perceptual step times of the configuration as configured, their ratio against the
-analytic lower bound, XLA's FLOPs, MFU (where the chip's peak is in selfperc_jax.flops.PEAK_FLOPS), peak memory and
-compile time; then the self-perceptual step with one thing changed per row: the fused 2B copy pass, float32
-compute, XLA's attention instead of the automatic choice (cuDNN flash attention where it can run). Rows that do not
-fit in --budget_s are skipped and say so; a variant that runs out of memory says so. The rows go to --out with the
-device named.
+For each config (the pixel one, then the latent one unless --nowith_latent), on one device: the largest per-device
+batch (of --batches; --latent_batches) at which the self-perceptual step compiles and runs, then at that batch the
+MSE and self-perceptual step times as configured, their ratio against the analytic lower bound, XLA's FLOPs, MFU
+(where the chip's peak is in selfperc_jax.flops.PEAK_FLOPS), peak memory and compile time. Then, while --budget_s
+lasts, the self-perceptual step with one thing changed per row, each variant for every config in turn: the fused 2B
+copy pass, float32 compute, XLA's attention instead of the automatic choice (cuDNN flash attention where it can run).
+Rows that would start after the budget are skipped and say so; a variant that runs out of memory says so. The rows go
+to --out with the device named. `--config.<key>=<value>` and `--latent_config.<key>=<value>` change either config.
 
 The lent machines have jax, flax, optax and orbax but not ml_collections, grain, TensorFlow or clu: this script and
-what it imports need only ml_collections beside them (carry its wheel; see BENCHMARKS.md for the command).
+what it imports need only ml_collections beside them (carry its wheel; see BENCHMARKS.md for the command;
+tests/test_benchmark.py runs it with the others made unimportable).
 """
 
 from __future__ import annotations
@@ -35,13 +37,22 @@ from ml_collections import config_flags  # noqa: E402
 from benchmarks import step_time  # noqa: E402
 from selfperc_jax import config_tree, flops  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG, DEFAULT_LATENT_CONFIG = "configs/imagenet256.py:gpu", "configs/imagenet256_latent.py:gpu"
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/imagenet256.py:gpu", "Experiment config.", lock_config=True)
-flags.DEFINE_string("batches", "64,32,16,8,4", "Per-device batch sizes to try, largest first.")
+config_flags.DEFINE_config_file("config", os.path.join(REPO, DEFAULT_CONFIG), "The (pixel) config.",
+                                lock_config=True)
+config_flags.DEFINE_config_file("latent_config", os.path.join(REPO, DEFAULT_LATENT_CONFIG),
+                                "The second (latent) config.", lock_config=True)
+flags.DEFINE_bool("with_latent", True, "Also measure --latent_config.")
+flags.DEFINE_string("batches", "64,32,16,8,4", "Per-device batch sizes to try for --config, largest first.")
+flags.DEFINE_string("latent_batches", "256,128,64,32,16", "The same for --latent_config (1/32 of the pixel "
+                    "step's FLOPs per image).")
 flags.DEFINE_integer("steps", 5, "Timed steps per round.")
 flags.DEFINE_integer("rounds", 3, "Rounds (the median is reported).")
-flags.DEFINE_float("budget_s", 420.0, "Stop starting new rows after this many seconds.")
-flags.DEFINE_string("variants", "fused,float32,xla_attention", "Rows after the configured step, in order.")
+flags.DEFINE_float("budget_s", 420.0, "Start no new row after this many seconds.")
+flags.DEFINE_string("variants", "fused,float32,xla_attention", "Rows after the configured steps, in order.")
 flags.DEFINE_string("out", None, "Append the rows to this markdown file (e.g. BENCHMARKS.md).")
 flags.DEFINE_string("json", None, "Write the rows as JSON here.")
 
@@ -71,77 +82,107 @@ def one_device(config, per_device_batch: int, **overrides):
   return config_tree.set_values(c, overrides)
 
 
-def _timed(variant, steps: int, rounds: int) -> float:
-  variant.run(1)  # warm-up after compilation
-  return statistics.median(variant.run(steps) for _ in range(rounds))
+def _measured(variant, steps: int, rounds: int) -> dict:
+  """The variant's median seconds per step (after one warm-up step) and its compile figures."""
+  variant.run(1)
+  return {"t": statistics.median(variant.run(steps) for _ in range(rounds)), "xla_flops": variant.xla_flops,
+          "compile_s": variant.compile_s, "peak_bytes": variant.peak_bytes}
 
 
-def largest_batch(config, batches) -> tuple[int | None, list[str]]:
-  """The largest per-device batch whose self-perceptual step compiles and runs; notes on the ones that did not."""
+def largest_batch(config, batches):
+  """(batch, its compiled self-perceptual step, notes): the largest per-device batch whose self-perceptual step
+  compiles and runs. The step that fitted is returned so that it is timed without a second compilation."""
   notes = []
   for b in batches:
+    v = None
     try:
       v = step_time.Variant(one_device(config, b), perceptual=True)
       v.run(1)
-      del v
-      gc.collect()
-      return b, notes
+      return b, v, notes
     except Exception as e:  # noqa: BLE001 -- only out-of-memory moves on to a smaller batch
       if not _is_oom(e):
         raise
       notes.append(f"batch {b}: out of memory")
+      v = None  # its state leaves the device before the next batch's is made
       gc.collect()
-  return None, notes
+  return None, None, notes
 
 
-def _row(name, config, b, sp, t_sp, mse=None, t_mse=None, bound=None) -> dict:
+def _gib(n):
+  return None if n is None else n / 2**30
+
+
+def _row(name, config, b, sp: dict, mse: dict | None = None, bound=None) -> dict:
   device = jax.devices()[0]
   peak = flops.peak_flops(device)
   row = {"variant": name, "device": device.device_kind, "batch": b, "dtype": config.model.dtype,
          "fused": bool(config.perceptual.fused), "attention": config.model.attention,
-         "step_ms_sp": 1e3 * t_sp, "xla_tflops_sp": sp.xla_flops / 1e12, "compile_s_sp": sp.compile_s,
-         "peak_gib_sp": None if sp.peak_bytes is None else sp.peak_bytes / 2**30,
-         "images_per_s_sp": b / t_sp, "mfu_sp": None if peak is None else sp.xla_flops / t_sp / peak}
+         "step_ms_sp": 1e3 * sp["t"], "xla_tflops_sp": sp["xla_flops"] / 1e12, "compile_s_sp": sp["compile_s"],
+         "peak_gib_sp": _gib(sp["peak_bytes"]), "images_per_s_sp": b / sp["t"],
+         "mfu_sp": None if peak is None else sp["xla_flops"] / sp["t"] / peak}
   if mse is not None:
-    row.update(step_ms_mse=1e3 * t_mse, compile_s_mse=mse.compile_s, ratio=t_sp / t_mse, bound=bound,
-               mfu_mse=None if peak is None else mse.xla_flops / t_mse / peak,
-               peak_gib_mse=None if mse.peak_bytes is None else mse.peak_bytes / 2**30)
+    row.update(step_ms_mse=1e3 * mse["t"], compile_s_mse=mse["compile_s"], ratio=sp["t"] / mse["t"], bound=bound,
+               mfu_mse=None if peak is None else mse["xla_flops"] / mse["t"] / peak,
+               peak_gib_mse=_gib(mse["peak_bytes"]))
   return row
 
 
-def run(config, batches, variants, steps: int = 5, rounds: int = 3, budget_s: float = 420.0) -> dict:
-  t0 = time.perf_counter()
-  b, notes = largest_batch(config, batches)
-  result = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
-            "device": jax.devices()[0].device_kind, "notes": notes, "rows": []}
+def _as_configured(config, batches, steps: int, rounds: int, section: dict) -> None:
+  """The section's first row: at the largest batch that fits, the MSE and self-perceptual steps as configured (one
+  at a time on the device: the batch that fitted the self-perceptual step alone fits the MSE step alone)."""
+  b, sp, notes = largest_batch(config, batches)
+  section["notes"] += notes
   if b is None:
-    result["notes"].append("no batch of " + ", ".join(map(str, batches)) + " fits")
-    return result
+    section["notes"].append("no batch of " + ", ".join(map(str, batches)) + " fits")
+    return
+  section["batch"] = b
   base = one_device(config, b)
+  sp_figures = _measured(sp, steps, rounds)
+  del sp
+  gc.collect()
   mse = step_time.Variant(base, perceptual=False)
-  t_mse = _timed(mse, steps, rounds)
+  mse_figures = _measured(mse, steps, rounds)
   forward, encoder = step_time.analytic_flops(mse.setup)
   # Lower bound of the ratio: training = 3 forwards; the copy adds its forward on both branches and the backward of
   # the predicted half (3 encoder passes unfused, 4 fused, whose backward also spans the real half).
   copy_passes = 4 if base.perceptual.fused else 3
   bound = (3 * forward + copy_passes * encoder) / (3 * forward)
-  sp = step_time.Variant(base, perceptual=True)
-  t_sp = _timed(sp, steps, rounds)
-  result["rows"].append(_row("as configured", base, b, sp, t_sp, mse, t_mse, bound))
-  del mse, sp
-  gc.collect()
-  for name in variants:
-    if time.perf_counter() - t0 > budget_s:
-      result["rows"].append({"variant": name, "skipped": f"time budget of {budget_s:.0f} s spent"})
-      continue
-    cfg = one_device(config, b, **VARIANTS[name])
-    try:
-      v = step_time.Variant(cfg, perceptual=True)
-      result["rows"].append(_row(name, cfg, b, v, _timed(v, steps, rounds)))
-      del v
-    except Exception as e:  # noqa: BLE001 -- a variant that does not fit (or cannot run here) is a result too
-      result["rows"].append({"variant": name, "skipped": "out of memory" if _is_oom(e) else
-                             f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+  section["rows"].append(_row("as configured", base, b, sp_figures, mse_figures, bound))
+
+
+def _variant(config, name: str, steps: int, rounds: int, section: dict) -> None:
+  """One self-perceptual row with one thing changed, at the section's batch."""
+  cfg = one_device(config, section["batch"], **VARIANTS[name])
+  try:
+    v = step_time.Variant(cfg, perceptual=True)
+    section["rows"].append(_row(name, cfg, section["batch"], _measured(v, steps, rounds)))
+  except Exception as e:  # noqa: BLE001 -- a variant that does not fit (or cannot run here) is a result too
+    section["rows"].append({"variant": name, "skipped": "out of memory" if _is_oom(e) else
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+
+
+def run(configs, variants, steps: int = 5, rounds: int = 3, budget_s: float = 420.0) -> dict:
+  """configs: [(name, config, per-device batches to try, largest first)]. Every config's row as configured first, then
+  the variants in turn over the configs (fused for each config, then float32 for each, ...), so that a short
+  budget still measures every config; work that would start after budget_s seconds is skipped and says so (the
+  first config's row always runs)."""
+  t0 = time.perf_counter()
+  result = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
+            "device": jax.devices()[0].device_kind,
+            "sections": [{"config": c[0], "batch": None, "rows": [], "notes": []} for c in configs]}
+  skip = f"time budget of {budget_s:.0f} s spent"
+  work = [(_as_configured, None, i) for i in range(len(configs))]
+  work += [(_variant, name, i) for name in variants for i in range(len(configs))]
+  for k, (what, name, i) in enumerate(work):
+    section, (_, config, batches) = result["sections"][i], configs[i]
+    if what is _variant and section["batch"] is None:
+      continue  # nothing fitted: the section's note says so
+    if k > 0 and time.perf_counter() - t0 > budget_s:
+      section["rows"].append({"variant": name or "as configured", "skipped": skip})
+    elif what is _as_configured:
+      _as_configured(config, batches, steps, rounds, section)
+    else:
+      _variant(config, name, steps, rounds, section)
     gc.collect()
   result["seconds"] = time.perf_counter() - t0
   return result
@@ -151,36 +192,50 @@ def _f(x, spec):
   return "n/a" if x is None else format(x, spec)
 
 
-def markdown(result: dict, config_name: str) -> str:
-  lines = [f"\n### {result['device']}, one device, {config_name} ({result['date']}, jax {result['jax']})\n",
-           "| variant | batch | dtype | fused | attention | MSE ms | SP ms | SP/MSE | bound | XLA TFLOP (SP) | "
-           "MFU (MSE / SP) | peak GiB (MSE / SP) | compile s (MSE / SP) | img/s (SP) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for r in result["rows"]:
-    if "skipped" in r:
-      lines.append(f"| {r['variant']} | {r['skipped']} |" + " |" * 12)
-      continue
-    lines.append(
-        f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['fused']} | {r['attention']} | "
-        f"{_f(r.get('step_ms_mse'), '.1f')} | {r['step_ms_sp']:.1f} | {_f(r.get('ratio'), '.3f')} | "
-        f"{_f(r.get('bound'), '.3f')} | {r['xla_tflops_sp']:.3g} | {_f(r.get('mfu_mse'), '.1%')} / "
-        f"{_f(r['mfu_sp'], '.1%')} | {_f(r.get('peak_gib_mse'), '.3g')} / {_f(r['peak_gib_sp'], '.3g')} | "
-        f"{_f(r.get('compile_s_mse'), '.1f')} / {r['compile_s_sp']:.1f} | {r['images_per_s_sp']:.1f} |")
-  for note in result["notes"]:
-    lines.append(f"\n{note}")
+def markdown(result: dict) -> str:
+  lines = []
+  for section in result["sections"]:
+    lines += [f"\n### {result['device']}, one device, {section['config']} ({result['date']}, jax {result['jax']})\n",
+              "| variant | batch | dtype | fused | attention | MSE ms | SP ms | SP/MSE | bound | XLA TFLOP (SP) | "
+              "MFU (MSE / SP) | peak GiB (MSE / SP) | compile s (MSE / SP) | img/s (SP) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in section["rows"]:
+      if "skipped" in r:
+        lines.append(f"| {r['variant']} | {r['skipped']} |" + " |" * 12)
+        continue
+      lines.append(
+          f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['fused']} | {r['attention']} | "
+          f"{_f(r.get('step_ms_mse'), '.1f')} | {r['step_ms_sp']:.1f} | {_f(r.get('ratio'), '.3f')} | "
+          f"{_f(r.get('bound'), '.3f')} | {r['xla_tflops_sp']:.3g} | {_f(r.get('mfu_mse'), '.1%')} / "
+          f"{_f(r['mfu_sp'], '.1%')} | {_f(r.get('peak_gib_mse'), '.3g')} / {_f(r['peak_gib_sp'], '.3g')} | "
+          f"{_f(r.get('compile_s_mse'), '.1f')} / {r['compile_s_sp']:.1f} | {r['images_per_s_sp']:.1f} |")
+    for note in section["notes"]:
+      lines.append(f"\n{note}")
+  if "seconds" in result:
+    lines.append(f"\n({result['seconds']:.0f} s for all of the above.)")
   return "\n".join(lines) + "\n"
+
+
+def _config_name(flag: str, default: str) -> str:
+  """The config file argument as given on the command line (for the section titles)."""
+  return next((a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{flag}=")), default)
 
 
 def main(argv):
   del argv
-  batches = [int(b) for b in FLAGS.batches.split(",") if b]
+  def batches(flag):
+    return [int(b) for b in flag.split(",") if b]
+
   variants = [v for v in FLAGS.variants.split(",") if v]
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
     raise app.UsageError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
-  result = run(FLAGS.config, batches, variants, FLAGS.steps, FLAGS.rounds, FLAGS.budget_s)
-  name = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "configs/imagenet256.py:gpu")
-  text = markdown(result, name)
+  configs = [(_config_name("config", DEFAULT_CONFIG), FLAGS.config, batches(FLAGS.batches))]
+  if FLAGS.with_latent:
+    configs.append((_config_name("latent_config", DEFAULT_LATENT_CONFIG), FLAGS.latent_config,
+                    batches(FLAGS.latent_batches)))
+  result = run(configs, variants, FLAGS.steps, FLAGS.rounds, FLAGS.budget_s)
+  text = markdown(result)
   print(text)
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:

@@ -1,6 +1,7 @@
 """The step-time benchmark produces well-formed figures; the MSE step carries no perceptual work; remat is exact."""
 
 import json
+import os
 import math
 
 import jax
@@ -140,23 +141,80 @@ def test_analytic_plan_counts_without_compiling(tiny):
 def test_device_benchmark_finds_the_batch_that_fits_and_writes_its_rows(tiny, monkeypatch):
   from benchmarks import device
 
-  real = step_time.Variant
+  real, built = step_time.Variant, []
 
   def variant(config, perceptual, seed=0):
+    built.append((config.batch_size, perceptual, bool(config.perceptual.fused)))
     if config.batch_size > 8:
       raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
     return real(config, perceptual, seed)
 
   monkeypatch.setattr(step_time, "Variant", variant)
-  result = device.run(tiny, batches=[16, 8], variants=["fused", "float32"], steps=1, rounds=1, budget_s=1e9)
-  assert result["notes"] == ["batch 16: out of memory"]
-  base, fused, f32 = result["rows"]
+  other = tiny.copy_and_resolve_references()
+  other.perceptual.fused = True
+  result = device.run([("tiny", tiny, [16, 8]), ("tiny fused", other, [16, 8])], variants=["fused", "float32"],
+                      steps=1, rounds=1, budget_s=1e9)
+  first, second = result["sections"]
+  assert first["notes"] == second["notes"] == ["batch 16: out of memory"]
+  base, fused, f32 = first["rows"]
   assert base["batch"] == fused["batch"] == 8 and base["variant"] == "as configured"
   assert base["fused"] is False and fused["fused"] is True and f32["dtype"] == "float32"
-  # The bound counts 3 encoder passes for the unfused copy: (3F + 3E) / 3F, between 1 and 2.
-  assert 1 < base["bound"] < 2 and base["ratio"] == pytest.approx(base["step_ms_sp"] / base["step_ms_mse"])
+  # The bound counts 3 encoder passes for the unfused copy and 4 for the fused one: (3F + cE) / 3F, in (1, 2).
+  assert 1 < base["bound"] < second["rows"][0]["bound"] < 2
+  assert base["ratio"] == pytest.approx(base["step_ms_sp"] / base["step_ms_mse"])
   assert fused["xla_tflops_sp"] > base["xla_tflops_sp"]  # the fused pass differentiates the real half too
-  text = device.markdown(result, "configs/digits.py:tiny")
+  # The step that fitted in the batch search is the one timed (no second compilation of it); the configs come
+  # first, then each variant for every config in turn.
+  assert built == [(16, True, False), (8, True, False), (8, False, False),
+                   (16, True, True), (8, True, True), (8, False, True),
+                   (8, True, True), (8, True, True), (8, True, False), (8, True, True)]
+  text = device.markdown(result)
   assert "| as configured | 8 | float32 | False | auto |" in text and "batch 16: out of memory" in text
-  over = device.run(tiny, batches=[8], variants=["fused"], steps=1, rounds=1, budget_s=0)
-  assert over["rows"][-1] == {"variant": "fused", "skipped": "time budget of 0 s spent"}
+  assert text.index("one device, tiny (") < text.index("one device, tiny fused (")
+  over = device.run([("a", tiny, [8]), ("b", tiny, [8])], variants=["fused"], steps=1, rounds=1, budget_s=0)
+  skipped = {"variant": "as configured", "skipped": "time budget of 0 s spent"}
+  assert over["sections"][0]["rows"][0]["variant"] == "as configured"  # the first row always runs
+  assert over["sections"][1]["rows"] == [skipped]  # and nothing else; a section without a batch gets no variants
+  assert over["sections"][0]["rows"][1] == {"variant": "fused", "skipped": "time budget of 0 s spent"}
+
+
+# What the lent machines lack (they have jax with CUDA, flax, optax, orbax and their own dependencies).
+NOT_ON_THE_DEVICE = ("tensorflow", "tensorflow_datasets", "grain", "clu", "array_record", "PIL", "sklearn", "torch",
+                     "safetensors", "matplotlib")
+
+
+def test_device_benchmark_runs_with_only_what_the_lent_machine_has(tmp_path):
+  """The script as run on the device, on the tiny digits config and a shrunk latent config, in a process where the
+  packages the lent machines lack cannot be imported (optional imports that fall back may warn): a stray import
+  would cost the device's time, not CI's."""
+  import subprocess
+  import sys
+
+  from tests.conftest import REPO, subprocess_env
+
+  (tmp_path / "sitecustomize.py").write_text(
+      "import importlib.abc, sys\n"
+      f"ABSENT = {NOT_ON_THE_DEVICE!r}\n"
+      "class Absent(importlib.abc.MetaPathFinder):\n"
+      "  def find_spec(self, name, path, target=None):\n"
+      "    if name.split('.')[0] in ABSENT:\n"
+      "      raise ModuleNotFoundError(f'No module named {name!r} (not on the lent machine)')\n"
+      "sys.meta_path.insert(0, Absent())\n")
+  env = subprocess_env(8)  # as in this process, so that the tiny steps timed above are compilation-cache hits
+  env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}"
+  out = tmp_path / "rows.json"
+  latent = ["--latent_config=configs/imagenet256_latent.py:gpu", "--latent_config.data.image_size=64",
+            "--latent_config.model.base_channels=16", "--latent_config.model.channel_mult=(1,2)",
+            "--latent_config.model.attention_resolutions=(4,)", "--latent_config.model.head_channels=16",
+            "--latent_config.model.dtype=float32", "--latent_config.model.remat=False"]
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/device.py", "--config=configs/digits.py:tiny", *latent, "--batches=8",
+       "--latent_batches=8", "--variants=", "--steps=1", "--rounds=1", f"--json={out}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  pixels, latents = result["sections"]
+  assert pixels["config"] == "configs/digits.py:tiny" and latents["config"] == "configs/imagenet256_latent.py:gpu"
+  for section in (pixels, latents):
+    (row,) = section["rows"]
+    assert row["variant"] == "as configured" and row["batch"] == 8 and row["step_ms_sp"] > 0

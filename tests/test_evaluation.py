@@ -193,6 +193,35 @@ def test_reference_missing_file_or_keys_is_a_clear_user_error(tmp_path):
     metrics.load_reference(str(tmp_path / "garbage.npz"))
 
 
+def test_the_training_time_evaluator_checks_its_reference_before_building_the_network(tmp_path, monkeypatch,
+                                                                                       digits_config):
+  """--mode=eval and eval_every: a bad eval.reference fails in milliseconds, not after the feature network is built
+  (the digits classifier trains for ~30 s on first use; Inception loads 90 MB)."""
+  from selfperc_jax.errors import ConfigError
+  from selfperc_jax.evaluation import evaluate
+
+  def fail(*args, **kwargs):
+    raise AssertionError("the feature network was built before eval.reference was checked")
+
+  monkeypatch.setattr(evaluate, "make_feature_network", fail)
+  config = digits_config("tiny")
+  (tmp_path / "text.npz").write_text("not a zip file")
+  np.savez(tmp_path / "keys.npz", mean=np.zeros(3))
+  for name, message in [("missing", "does not exist"), ("text", "is not a readable .npz"),
+                        ("keys", "holds neither 'arr_0'")]:
+    config.eval.reference = str(tmp_path / f"{name}.npz")
+    with pytest.raises(EvaluationError, match=message):
+      evaluate.Evaluator(config, str(tmp_path), generator_factory=fail)
+  config.eval.reference, config.data.name = "", "imagenet2012"
+  with pytest.raises(ConfigError, match="set eval.reference"):
+    evaluate.Evaluator(config, str(tmp_path), generator_factory=fail)
+  # A good file passes the check, and only then is the network built (here: the stand-in that refuses).
+  np.savez(tmp_path / "ref.npz", np.zeros((4, 8, 8, 1), np.uint8))
+  config.eval.reference, config.data.name = str(tmp_path / "ref.npz"), "digits"
+  with pytest.raises(AssertionError, match="feature network was built"):
+    evaluate.Evaluator(config, str(tmp_path), generator_factory=fail)
+
+
 # --- the digits classifier -------------------------------------------------------------------------------------------
 
 

@@ -42,12 +42,21 @@ def feature_network(config, cache_dir: str):
   return make_feature_network(config.eval.features, cache_dir, config.eval.inception_weights)
 
 
-def reference_features(config, network) -> np.ndarray:
+def load_reference(config) -> tuple | None:
+  """What eval.reference holds (load_reference_file's pair), checked without a feature network, so that a bad
+  file fails before one is built; None where the reference is the digits split."""
   if config.eval.reference:
-    return reference_from_file(config.eval.reference, network)
+    return load_reference_file(config.eval.reference)
   if config.data.name != "digits":
     raise ConfigError("set eval.reference to a reference batch (.npz with arr_0 images, e.g. the ADM reference "
                       "batch) or to reference statistics (mu, sigma, features).")
+  return None
+
+
+def reference_features(config, loaded: tuple | None, network) -> np.ndarray:
+  """The reference features: from what load_reference returned, or of the digits split."""
+  if loaded is not None:
+    return features_of_reference(loaded, network)
   from selfperc_jax.data import digits
 
   images, _ = digits.load(config.eval.reference_split, config.data.image_size)
@@ -103,11 +112,6 @@ def load_reference_file(path: str) -> tuple[np.ndarray | None, np.ndarray | None
     raise metrics.EvaluationError(f"reference file {path} holds neither 'arr_0' (images) nor mu/sigma/features; "
                                   f"it holds {sorted(keys)}.")
   return None, load_batch(path, "reference")[0]
-
-
-def reference_from_file(path: str, network) -> np.ndarray:
-  """Features of a reference .npz: stored ones (mu, sigma, features) or computed from its images (arr_0)."""
-  return features_of_reference(load_reference_file(path), network)
 
 
 def features_of_reference(loaded: tuple, network) -> np.ndarray:
@@ -195,8 +199,9 @@ class Evaluator:
   def __init__(self, config, workdir: str, generator_factory):
     self.config = config
     self.eval_dir = fileio.join(workdir, "eval")
+    loaded = load_reference(config)  # before the network: a bad reference file fails in milliseconds
     self.network = feature_network(config, self.eval_dir)
-    self.reference = reference_features(config, self.network)
+    self.reference = reference_features(config, loaded, self.network)
     self.generator = generator_factory(self.network.embed_fn, self.network.embed_variables)
 
   def __call__(self, params, step: int) -> dict | None:
