@@ -3,6 +3,7 @@
   python benchmarks/step_time.py --config=configs/digits.py [--config.x=y ...] [--out=BENCHMARKS.md] [--json=F]
   python benchmarks/step_time.py --config=configs/digits.py --scaling=1,2,4,8 --simulate_devices=8 --out=BENCHMARKS.md
   python benchmarks/step_time.py --config=configs/imagenet256.py --analytic_only   # counts only, no compile
+  python benchmarks/step_time.py --config=configs/imagenet256.py:gpu --compile_memory=1,2   # compile only, one device
 
 Reports per-step median times of the MSE step (`perceptual.weight=0`: no perceptual code is traced) and the
 self-perceptual step (the term active from step 0), their ratio, the compile times, XLA's FLOPs of both compiled
@@ -49,6 +50,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("scaling", None, "Comma-separated device counts for a weak-scaling run, e.g. 1,2,4,8.")
   flags.DEFINE_integer("per_device_batch", 16, "Per-device batch of the weak-scaling run.")
   flags.DEFINE_integer("simulate_devices", 0, "Simulated CPU devices (read before JAX starts).")
+  flags.DEFINE_string("compile_memory", None, "Comma-separated per-device batches: compile the self-perceptual step "
+                      "on one device at each (abstract state: nothing allocated, nothing run) and print XLA's memory "
+                      "analysis.")
   flags.DEFINE_bool("analytic_only", False, "Only count (no compile, no timing): params, state size and the analytic "
                     "FLOPs per step; for configs too large for this machine, e.g. configs/imagenet256.py.")
   flags.DEFINE_string("label", "", "A free-text label for the BENCHMARKS.md row (e.g. 'bf16', 'remat').")
@@ -69,19 +73,26 @@ def _peak_memory(compiled) -> int | None:
              - getattr(mem, "alias_size_in_bytes", 0))
 
 
+def phase_config(config, perceptual: bool):
+  """A copy of the config whose step 0 is the self-perceptual step (perceptual) or the MSE step (weight 0: no
+  perceptual code traced)."""
+  config = config.copy_and_resolve_references()
+  if perceptual:
+    config.perceptual.weight = config.perceptual.weight or 1.0
+    config.perceptual.start_step = 0
+    # The perceptual phase's step from step 0 on a random network: timed with the MSE term kept, which costs the
+    # same as the feature term alone (and the config check refuses the latter without pre-training).
+    config.perceptual.mse_weight = config.perceptual.mse_weight or 1.0
+  else:
+    config.perceptual.weight = 0.0
+  return config
+
+
 class Variant:
   """One compiled step (MSE-only or with the perceptual term) with its state and a fixed synthetic batch."""
 
   def __init__(self, config, perceptual: bool, seed: int = 0):
-    config = config.copy_and_resolve_references()
-    if perceptual:
-      config.perceptual.weight = config.perceptual.weight or 1.0
-      config.perceptual.start_step = 0
-      # The perceptual phase's step from step 0 on a random network: timed with the MSE term kept, which costs the
-      # same as the feature term alone (and the config check refuses the latter without pre-training).
-      config.perceptual.mse_weight = config.perceptual.mse_weight or 1.0
-    else:
-      config.perceptual.weight = 0.0
+    config = phase_config(config, perceptual)
     self.config = config
     self.setup = train.Setup(config, with_data=False)
     self.state = self.setup.init_state(jax.random.key(seed))
@@ -209,9 +220,44 @@ def write_markdown(path: str, result: dict) -> None:
         f.write(f"| {row['devices']} | {row['batch_size']} | {row['step_ms_sp']:.1f} | {row['compile_s']:.1f} |\n")
 
 
+def stored_bytes_per_example(setup) -> int:
+  """Bytes that one U-Net forward keeps for its backward, per example: the residuals of jax.vjp with respect to the
+  params at batch 2 minus those at batch 1 (with model.remat, each block's input only). Counted from the traced
+  program, so it holds on any backend; XLA:CPU's memory analysis does not show remat's saving (BENCHMARKS.md)."""
+  model, params = setup.model, setup.abstract_state.params
+
+  def stored(b):
+    def residuals(p):
+      x, t, y = jnp.zeros((b,) + tuple(setup.model_shape)), jnp.zeros((b,)), jnp.zeros((b,), jnp.int32)
+      return jax.vjp(lambda q: model.apply({"params": q}, x, t, y), p)[1]
+
+    return sum(int(np.prod(r.shape)) * r.dtype.itemsize for r in jax.tree.leaves(jax.eval_shape(residuals, params)))
+
+  return stored(2) - stored(1)
+
+
+def compiled_memory(config, per_device_batch: int) -> dict:
+  """XLA's memory analysis (GiB) of the self-perceptual step compiled on one device at this batch, from the abstract
+  state: nothing is allocated or run, so configs far larger than this machine's memory can be compiled."""
+  config = phase_config(config, perceptual=True)
+  config.mesh.data, config.mesh.fsdp = 1, 1
+  config.batch_size = config.sample.batch_size = per_device_batch
+  setup = train.Setup(config, with_data=False)
+  batch = sharding.batch_sharding(setup.mesh)
+  b = per_device_batch
+  abstract_batch = {"image": jax.ShapeDtypeStruct((b,) + tuple(setup.model_shape), jnp.float32, sharding=batch),
+                    "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch)}
+  t0 = time.perf_counter()
+  compiled = setup.step_fn(0).lower(setup.abstract_state, abstract_batch, jax.random.key(0)).compile()
+  mem = compiled.memory_analysis()
+  return {"batch": b, "compile_s": time.perf_counter() - t0, "argument_gib": mem.argument_size_in_bytes / 2**30,
+          "temp_gib": mem.temp_size_in_bytes / 2**30, "peak_gib": _peak_memory(compiled) / 2**30}
+
+
 def analytic_plan(config) -> dict:
-  """Counts without compiling: params, float32 train-state bytes, and matmul FLOPs per step at the config's batch
-  (training = forward + backward = 3 forwards; self-perceptual adds 3 encoder passes, see the header)."""
+  """Counts without compiling: params, float32 train-state bytes, matmul FLOPs per step at the config's batch
+  (training = forward + backward = 3 forwards; self-perceptual adds 3 encoder passes, see the header), and the
+  activations one forward stores for the backward per example."""
   setup = train.Setup(config, with_data=False)
   forward, encoder = analytic_flops(setup)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
@@ -219,12 +265,22 @@ def analytic_plan(config) -> dict:
   b = config.batch_size
   return {"params": params, "state_gb": state / 1e9, "batch_size": b, "forward_gflops_per_example": forward / b / 1e9,
           "encoder_gflops_per_example": encoder / b / 1e9, "step_tflops_mse": 3 * forward / 1e12,
-          "step_tflops_sp": (3 * forward + 3 * encoder) / 1e12, "analytic_flop_ratio": (forward + encoder) / forward}
+          "step_tflops_sp": (3 * forward + 3 * encoder) / 1e12, "analytic_flop_ratio": (forward + encoder) / forward,
+          "stored_gib_per_example": stored_bytes_per_example(setup) / 2**30}
 
 
 def main(argv):
   del argv
   config = FLAGS.config
+  if FLAGS.compile_memory:
+    rows = [compiled_memory(config, int(b)) for b in FLAGS.compile_memory.split(",")]
+    for r in rows:
+      print(f"batch {r['batch']}: arguments {r['argument_gib']:.2f} GiB, temporaries {r['temp_gib']:.2f} GiB, peak "
+            f"{r['peak_gib']:.2f} GiB ({jax.devices()[0].platform}, compiled in {r['compile_s']:.0f} s)")
+    if FLAGS.json:
+      with open(FLAGS.json, "w") as f:
+        json.dump(rows, f, indent=2)
+    return
   if FLAGS.analytic_only:
     plan = analytic_plan(config)
     for key, value in plan.items():

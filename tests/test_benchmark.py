@@ -138,6 +138,27 @@ def test_analytic_plan_counts_without_compiling(tiny):
   assert plan["state_gb"] == pytest.approx(5 * 4 * plan["params"] / 1e9, rel=1e-3)
 
 
+def test_compiled_memory_compiles_without_allocating_and_grows_with_the_batch(tiny):
+  small, large = (step_time.compiled_memory(tiny, b) for b in (4, 8))
+  # The same state (params, Adam, EMA, copy) at any batch; more temporaries for more examples.
+  assert small["argument_gib"] == pytest.approx(large["argument_gib"], rel=1e-3)
+  assert 0 < small["temp_gib"] < large["temp_gib"] and small["peak_gib"] < large["peak_gib"]
+
+
+def test_remat_stores_less_per_example_for_the_backward(tiny):
+  """The residuals one forward keeps for its backward, per example: fewer with remat (each block's input only), the
+  same for every added example, and not counting the params (which do not grow with the batch)."""
+  stored = {}
+  for remat in (False, True):
+    tiny.model.remat = remat
+    setup = train.Setup(tiny, with_data=False)
+    stored[remat] = step_time.stored_bytes_per_example(setup)
+    # at least the input image is kept (float32, the model's shape), and far less than the params
+    assert 4 * np.prod(setup.model_shape) <= stored[remat] < 4 * sum(x.size for x in
+                                                                      jax.tree.leaves(setup.abstract_state.params))
+  assert stored[True] < stored[False] / 2
+
+
 def test_device_benchmark_finds_the_batch_that_fits_and_writes_its_rows(tiny, monkeypatch):
   from benchmarks import device
 
