@@ -1,15 +1,19 @@
-"""The device benchmark: one short script for one lent accelerator (an H100/H200 GPU, a TPU chip), under 8 minutes.
+"""The device benchmark: one short script for one lent accelerator (an H100/H200 GPU, a TPU chip), about 8 minutes.
 
   python benchmarks/device.py --out=BENCHMARKS.md      # configs/imagenet256.py:gpu, then imagenet256_latent.py:gpu
 
 For each config (the pixel one, then the latent one unless --nowith_latent), on one device: the largest per-device
-batch (of --batches; --latent_batches) at which the self-perceptual step compiles and runs, then at that batch the
-MSE and self-perceptual step times as configured, their ratio against the analytic lower bound, XLA's FLOPs, MFU
-(where the chip's peak is in selfperc_jax.flops.PEAK_FLOPS), peak memory and compile time. Then, while --budget_s
-lasts, the self-perceptual step with one thing changed per row, each variant for every config in turn: the fused 2B
+batch (of --batches, or --latent_batches for the latent config) at which the self-perceptual step compiles and runs,
+then at that batch the MSE and self-perceptual step times as configured, their ratio against the analytic lower
+bound, XLA's FLOPs, MFU (where the chip's peak is in selfperc_jax.flops.PEAK_FLOPS), peak memory and compile time.
+Then the self-perceptual step with one thing changed per row, each variant for every config in turn: the fused 2B
 copy pass, float32 compute, XLA's attention instead of the automatic choice (cuDNN flash attention where it can run).
-Rows that would start after the budget are skipped and say so; a variant that runs out of memory says so. The rows go
-to --out with the device named. `--config.<key>=<value>` and `--latent_config.<key>=<value>` change either config.
+No row starts after --budget_s (420 s; the last one started runs to its end, hence about 8 minutes in all): those
+are written as skipped; a variant that runs out of memory says so, and a config that fails says why in a note
+without losing the other's rows. Each row is printed (and --json rewritten) as soon as it is measured; the rows go
+to --out at the end, also when a time limit's SIGTERM stops the run. JAX may take 95 % of the device's memory
+(XLA_PYTHON_CLIENT_MEM_FRACTION, unless set). `--config.<key>=<value>` and `--latent_config.<key>=<value>` change
+either config (and show in the section titles).
 
 The lent machines have jax, flax, optax and orbax but not ml_collections, grain, TensorFlow or clu: this script and
 what it imports need only ml_collections beside them (carry its wheel; see BENCHMARKS.md for the command;
@@ -22,11 +26,14 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# JAX preallocates 75 % of a GPU's memory by default; the batch search should see (nearly) all of it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -47,8 +54,8 @@ config_flags.DEFINE_config_file("latent_config", os.path.join(REPO, DEFAULT_LATE
                                 "The second (latent) config.", lock_config=True)
 flags.DEFINE_bool("with_latent", True, "Also measure --latent_config.")
 flags.DEFINE_string("batches", "64,32,16,8,4", "Per-device batch sizes to try for --config, largest first.")
-flags.DEFINE_string("latent_batches", "256,128,64,32,16", "The same for --latent_config (1/32 of the pixel "
-                    "step's FLOPs per image).")
+flags.DEFINE_string("latent_batches", "256,128,64,32,16", "The same for --latent_config (its step costs 1/31 "
+                    "of the pixel step per image, so larger batches fit).")
 flags.DEFINE_integer("steps", 5, "Timed steps per round.")
 flags.DEFINE_integer("rounds", 3, "Rounds (the median is reported).")
 flags.DEFINE_float("budget_s", 420.0, "Start no new row after this many seconds.")
@@ -94,7 +101,6 @@ def largest_batch(config, batches):
   compiles and runs. The step that fitted is returned so that it is timed without a second compilation."""
   notes = []
   for b in batches:
-    v = None
     try:
       v = step_time.Variant(one_device(config, b), perceptual=True)
       v.run(1)
@@ -103,8 +109,8 @@ def largest_batch(config, batches):
       if not _is_oom(e):
         raise
       notes.append(f"batch {b}: out of memory")
-      v = None  # its state leaves the device before the next batch's is made
-      gc.collect()
+    v = None
+    gc.collect()  # out of the except block, whose traceback held the failed step's state: it leaves the device now
   return None, None, notes
 
 
@@ -161,11 +167,11 @@ def _variant(config, name: str, steps: int, rounds: int, section: dict) -> None:
                             f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
 
 
-def run(configs, variants, steps: int = 5, rounds: int = 3, budget_s: float = 420.0) -> dict:
+def run(configs, variants, steps: int = 5, rounds: int = 3, budget_s: float = 420.0, progress=None) -> dict:
   """configs: [(name, config, per-device batches to try, largest first)]. Every config's row as configured first, then
   the variants in turn over the configs (fused for each config, then float32 for each, ...), so that a short
   budget still measures every config; work that would start after budget_s seconds is skipped and says so (the
-  first config's row always runs)."""
+  first config's row always runs). progress(result) is called after each row, with the rows so far."""
   t0 = time.perf_counter()
   result = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
             "device": jax.devices()[0].device_kind,
@@ -180,11 +186,16 @@ def run(configs, variants, steps: int = 5, rounds: int = 3, budget_s: float = 42
     if k > 0 and time.perf_counter() - t0 > budget_s:
       section["rows"].append({"variant": name or "as configured", "skipped": skip})
     elif what is _as_configured:
-      _as_configured(config, batches, steps, rounds, section)
+      try:
+        _as_configured(config, batches, steps, rounds, section)
+      except Exception as e:  # noqa: BLE001 -- one config that cannot run must not lose the other's rows
+        section["notes"].append(f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
     else:
       _variant(config, name, steps, rounds, section)
     gc.collect()
-  result["seconds"] = time.perf_counter() - t0
+    result["seconds"] = time.perf_counter() - t0
+    if progress is not None:
+      progress(result)
   return result
 
 
@@ -216,9 +227,13 @@ def markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _config_name(flag: str, default: str) -> str:
-  """The config file argument as given on the command line (for the section titles)."""
-  return next((a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{flag}=")), default)
+def _config_name(flag: str) -> str:
+  """The config file (relative to the repository where it is in it) and its command-line overrides, for titles."""
+  name = config_flags.get_config_filename(FLAGS[flag])
+  if os.path.isabs(name) and name.startswith(REPO + os.sep):
+    name = os.path.relpath(name, REPO)
+  overrides = config_flags.get_override_values(FLAGS[flag])
+  return name + "".join(f" {k}={v}" for k, v in overrides.items())
 
 
 def main(argv):
@@ -230,19 +245,27 @@ def main(argv):
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
     raise app.UsageError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
-  configs = [(_config_name("config", DEFAULT_CONFIG), FLAGS.config, batches(FLAGS.batches))]
+  configs = [(_config_name("config"), FLAGS.config, batches(FLAGS.batches))]
   if FLAGS.with_latent:
-    configs.append((_config_name("latent_config", DEFAULT_LATENT_CONFIG), FLAGS.latent_config,
-                    batches(FLAGS.latent_batches)))
-  result = run(configs, variants, FLAGS.steps, FLAGS.rounds, FLAGS.budget_s)
-  text = markdown(result)
-  print(text)
-  if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(result, f, indent=2)
-  if FLAGS.out:
-    with open(FLAGS.out, "a") as f:
-      f.write(text)
+    configs.append((_config_name("latent_config"), FLAGS.latent_config, batches(FLAGS.latent_batches)))
+  latest = {}
+
+  def progress(result):
+    """Each row as soon as it is measured: a run stopped part-way (a time limit) keeps what it has."""
+    latest["result"] = result
+    print(markdown(result), flush=True)
+    if FLAGS.json:
+      with open(FLAGS.json, "w") as f:
+        json.dump(result, f, indent=2)
+
+  # A time limit's SIGTERM ends the run through `finally`, which still writes the rows measured so far to --out.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+  try:
+    run(configs, variants, FLAGS.steps, FLAGS.rounds, FLAGS.budget_s, progress)
+  finally:
+    if FLAGS.out and "result" in latest:
+      with open(FLAGS.out, "a") as f:
+        f.write(markdown(latest["result"]))
 
 
 if __name__ == "__main__":

@@ -222,8 +222,9 @@ def write_markdown(path: str, result: dict) -> None:
 
 def stored_bytes_per_example(setup) -> int:
   """Bytes that one U-Net forward keeps for its backward, per example: the residuals of jax.vjp with respect to the
-  params at batch 2 minus those at batch 1 (with model.remat, each block's input only). Counted from the traced
-  program, so it holds on any backend; XLA:CPU's memory analysis does not show remat's saving (BENCHMARKS.md)."""
+  params at batch 2 minus those at batch 1 (with model.remat, each block's input only). This is what JAX hands the
+  backward on every backend; how much of it is live at once is XLA's buffer assignment's choice (XLA:CPU's memory
+  analysis shows no remat saving, BENCHMARKS.md)."""
   model, params = setup.model, setup.abstract_state.params
 
   def stored(b):
@@ -243,15 +244,14 @@ def compiled_memory(config, per_device_batch: int) -> dict:
   config.mesh.data, config.mesh.fsdp = 1, 1
   config.batch_size = config.sample.batch_size = per_device_batch
   setup = train.Setup(config, with_data=False)
-  batch = sharding.batch_sharding(setup.mesh)
-  b = per_device_batch
-  abstract_batch = {"image": jax.ShapeDtypeStruct((b,) + tuple(setup.model_shape), jnp.float32, sharding=batch),
-                    "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch)}
   t0 = time.perf_counter()
-  compiled = setup.step_fn(0).lower(setup.abstract_state, abstract_batch, jax.random.key(0)).compile()
+  compiled = setup.step_fn(0).lower(setup.abstract_state, setup.abstract_batch(), jax.random.key(0)).compile()
   mem = compiled.memory_analysis()
-  return {"batch": b, "compile_s": time.perf_counter() - t0, "argument_gib": mem.argument_size_in_bytes / 2**30,
-          "temp_gib": mem.temp_size_in_bytes / 2**30, "peak_gib": _peak_memory(compiled) / 2**30}
+  if mem is None:
+    raise SystemExit(f"error: XLA's {jax.devices()[0].platform} backend gives no memory analysis of the step.")
+  return {"batch": per_device_batch, "compile_s": time.perf_counter() - t0,
+          "argument_gib": mem.argument_size_in_bytes / 2**30, "temp_gib": mem.temp_size_in_bytes / 2**30,
+          "peak_gib": _peak_memory(compiled) / 2**30}
 
 
 def analytic_plan(config) -> dict:

@@ -54,18 +54,20 @@ class Setup:
       self._step_fns[phase] = sharding.jit_train_step(fn, self.mesh, self.state_sharding)
     return self._step_fns[phase]
 
+  def abstract_batch(self) -> dict:
+    """The global training batch's shapes, dtypes and sharding (for lowering the step without data)."""
+    batch, b = sharding.batch_sharding(self.mesh), self.config.batch_size
+    return {"image": jax.ShapeDtypeStruct((b,) + tuple(self.model_shape), jnp.float32, sharding=batch),
+            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch)}
+
   def step_flops(self, step: int) -> float | None:
     """XLA's FLOPs per device of the train step of `step`'s phase (the lowered program's cost analysis over the
     device count; nothing is compiled for it), or None where the backend does not count them."""
     phase = step_lib.perceptual_phase(self.config, step)
     if phase not in self._step_flops:
-      batch = sharding.batch_sharding(self.mesh)
-      b = self.config.batch_size
-      abstract_batch = {"image": jax.ShapeDtypeStruct((b,) + tuple(self.model_shape), jnp.float32, sharding=batch),
-                        "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch)}
       key = jax.eval_shape(lambda: jax.random.key(0))
       key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
-      total = flops.lowered_flops(self.step_fn(step).lower(self.abstract_state, abstract_batch, key))
+      total = flops.lowered_flops(self.step_fn(step).lower(self.abstract_state, self.abstract_batch(), key))
       self._step_flops[phase] = None if total is None else total / self.mesh.size
     return self._step_flops[phase]
 

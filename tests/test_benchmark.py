@@ -1,8 +1,9 @@
 """The step-time benchmark produces well-formed figures; the MSE step carries no perceptual work; remat is exact."""
 
 import json
-import os
 import math
+import os
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +139,7 @@ def test_analytic_plan_counts_without_compiling(tiny):
   assert plan["state_gb"] == pytest.approx(5 * 4 * plan["params"] / 1e9, rel=1e-3)
 
 
-def test_compiled_memory_compiles_without_allocating_and_grows_with_the_batch(tiny):
+def test_compiled_memory_compiles_from_the_abstract_state_and_grows_with_the_batch(tiny):
   small, large = (step_time.compiled_memory(tiny, b) for b in (4, 8))
   # The same state (params, Adam, EMA, copy) at any batch; more temporaries for more examples.
   assert small["argument_gib"] == pytest.approx(large["argument_gib"], rel=1e-3)
@@ -162,24 +163,36 @@ def test_remat_stores_less_per_example_for_the_backward(tiny):
 def test_device_benchmark_finds_the_batch_that_fits_and_writes_its_rows(tiny, monkeypatch):
   from benchmarks import device
 
-  real, built = step_time.Variant, []
+  real, built, failed = step_time.Variant, [], []
+
+  class TooBig:
+    """A step whose state was made but whose first run runs out of memory."""
+
+    def run(self, n):
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
 
   def variant(config, perceptual, seed=0):
+    # A step that failed for memory is gone (its state off the device) before the next one is made.
+    assert all(ref() is None for ref in failed), "the step that ran out of memory is still alive"
     built.append((config.batch_size, perceptual, bool(config.perceptual.fused)))
+    if config.batch_size == 3:
+      raise ValueError("not an out-of-memory error")
     if config.batch_size > 8:
-      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+      failed.append(weakref.ref(v := TooBig()))
+      return v
     return real(config, perceptual, seed)
 
   monkeypatch.setattr(step_time, "Variant", variant)
   other = tiny.copy_and_resolve_references()
   other.perceptual.fused = True
-  result = device.run([("tiny", tiny, [16, 8]), ("tiny fused", other, [16, 8])], variants=["fused", "float32"],
+  result = device.run([("tiny", tiny, [16, 8]), ("tiny fused", other, [16, 8])], variants=["fused", "bfloat16"],
                       steps=1, rounds=1, budget_s=1e9)
   first, second = result["sections"]
   assert first["notes"] == second["notes"] == ["batch 16: out of memory"]
-  base, fused, f32 = first["rows"]
+  base, fused, bf16 = first["rows"]
   assert base["batch"] == fused["batch"] == 8 and base["variant"] == "as configured"
-  assert base["fused"] is False and fused["fused"] is True and f32["dtype"] == "float32"
+  assert base["fused"] is False and fused["fused"] is True
+  assert base["dtype"] == "float32" and bf16["dtype"] == "bfloat16"
   # The bound counts 3 encoder passes for the unfused copy and 4 for the fused one: (3F + cE) / 3F, in (1, 2).
   assert 1 < base["bound"] < second["rows"][0]["bound"] < 2
   assert base["ratio"] == pytest.approx(base["step_ms_sp"] / base["step_ms_mse"])
@@ -197,6 +210,13 @@ def test_device_benchmark_finds_the_batch_that_fits_and_writes_its_rows(tiny, mo
   assert over["sections"][0]["rows"][0]["variant"] == "as configured"  # the first row always runs
   assert over["sections"][1]["rows"] == [skipped]  # and nothing else; a section without a batch gets no variants
   assert over["sections"][0]["rows"][1] == {"variant": "fused", "skipped": "time budget of 0 s spent"}
+  # A config that fails for another reason than memory says why, and the next config is still measured.
+  seen = []
+  mixed = device.run([("bad", tiny, [3]), ("good", tiny, [8])], variants=[], steps=1, rounds=1, budget_s=1e9,
+                     progress=lambda r: seen.append(sum(len(s["rows"]) + len(s["notes"]) for s in r["sections"])))
+  assert mixed["sections"][0]["notes"] == ["not measured: ValueError: not an out-of-memory error"]
+  assert [r["variant"] for r in mixed["sections"][1]["rows"]] == ["as configured"]
+  assert seen == [1, 2]  # reported after each row, not only at the end
 
 
 # What the lent machines lack (they have jax with CUDA, flax, optax, orbax and their own dependencies).
@@ -211,7 +231,7 @@ def test_device_benchmark_runs_with_only_what_the_lent_machine_has(tmp_path):
   import subprocess
   import sys
 
-  from tests.conftest import REPO, subprocess_env
+  from conftest import REPO, subprocess_env
 
   (tmp_path / "sitecustomize.py").write_text(
       "import importlib.abc, sys\n"
@@ -233,9 +253,12 @@ def test_device_benchmark_runs_with_only_what_the_lent_machine_has(tmp_path):
        "--latent_batches=8", "--variants=", "--steps=1", "--rounds=1", f"--json={out}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  probe = subprocess.run([sys.executable, "-c", "import PIL"], env=env, capture_output=True, text=True)
+  assert probe.returncode != 0 and "(not on the lent machine)" in probe.stderr  # the blocker was active
   result = json.loads(out.read_text())
   pixels, latents = result["sections"]
-  assert pixels["config"] == "configs/digits.py:tiny" and latents["config"] == "configs/imagenet256_latent.py:gpu"
+  assert pixels["config"] == "configs/digits.py:tiny"
+  assert latents["config"].startswith("configs/imagenet256_latent.py:gpu data.image_size=64 model.base_channels=16")
   for section in (pixels, latents):
     (row,) = section["rows"]
     assert row["variant"] == "as configured" and row["batch"] == 8 and row["step_ms_sp"] > 0

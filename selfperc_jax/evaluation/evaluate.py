@@ -42,7 +42,7 @@ def feature_network(config, cache_dir: str):
   return make_feature_network(config.eval.features, cache_dir, config.eval.inception_weights)
 
 
-def load_reference(config) -> tuple | None:
+def configured_reference(config) -> tuple | None:
   """What eval.reference holds (load_reference_file's pair), checked without a feature network, so that a bad
   file fails before one is built; None where the reference is the digits split."""
   if config.eval.reference:
@@ -54,7 +54,7 @@ def load_reference(config) -> tuple | None:
 
 
 def reference_features(config, loaded: tuple | None, network) -> np.ndarray:
-  """The reference features: from what load_reference returned, or of the digits split."""
+  """The reference features: from what configured_reference returned, or of the digits split."""
   if loaded is not None:
     return features_of_reference(loaded, network)
   from selfperc_jax.data import digits
@@ -199,7 +199,7 @@ class Evaluator:
   def __init__(self, config, workdir: str, generator_factory):
     self.config = config
     self.eval_dir = fileio.join(workdir, "eval")
-    loaded = load_reference(config)  # before the network: a bad reference file fails in milliseconds
+    loaded = configured_reference(config)  # before the network: a bad reference file fails in milliseconds
     self.network = feature_network(config, self.eval_dir)
     self.reference = reference_features(config, loaded, self.network)
     self.generator = generator_factory(self.network.embed_fn, self.network.embed_variables)
