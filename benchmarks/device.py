@@ -42,7 +42,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import step_time  # noqa: E402
-from selfperc_jax import config_tree, flops  # noqa: E402
+from selfperc_jax import flops  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG, DEFAULT_LATENT_CONFIG = "configs/imagenet256.py:gpu", "configs/imagenet256_latent.py:gpu"
@@ -80,15 +80,6 @@ def _is_oom(error: Exception) -> bool:
   return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM"))
 
 
-def one_device(config, per_device_batch: int, **overrides):
-  """The config on this process's first device alone, at this batch, with dotted-key overrides."""
-  c = config.copy_and_resolve_references()
-  c.mesh.data, c.mesh.fsdp = 1, 1
-  c.batch_size = per_device_batch
-  c.sample.batch_size = per_device_batch
-  return config_tree.set_values(c, overrides)
-
-
 def _measured(variant, steps: int, rounds: int) -> dict:
   """The variant's median seconds per step (after one warm-up step) and its compile figures."""
   variant.run(1)
@@ -102,7 +93,7 @@ def largest_batch(config, batches):
   notes = []
   for b in batches:
     try:
-      v = step_time.Variant(one_device(config, b), perceptual=True)
+      v = step_time.Variant(step_time.one_device(config, b), perceptual=True)
       v.run(1)
       return b, v, notes
     except Exception as e:  # noqa: BLE001 -- only out-of-memory moves on to a smaller batch
@@ -142,7 +133,7 @@ def _as_configured(config, batches, steps: int, rounds: int, section: dict) -> N
     section["notes"].append("no batch of " + ", ".join(map(str, batches)) + " fits")
     return
   section["batch"] = b
-  base = one_device(config, b)
+  base = step_time.one_device(config, b)
   sp_figures = _measured(sp, steps, rounds)
   del sp
   gc.collect()
@@ -158,7 +149,7 @@ def _as_configured(config, batches, steps: int, rounds: int, section: dict) -> N
 
 def _variant(config, name: str, steps: int, rounds: int, section: dict) -> None:
   """One self-perceptual row with one thing changed, at the section's batch."""
-  cfg = one_device(config, section["batch"], **VARIANTS[name])
+  cfg = step_time.one_device(config, section["batch"], **VARIANTS[name])
   try:
     v = step_time.Variant(cfg, perceptual=True)
     section["rows"].append(_row(name, cfg, section["batch"], _measured(v, steps, rounds)))
@@ -238,6 +229,7 @@ def _config_name(flag: str) -> str:
 
 def main(argv):
   del argv
+
   def batches(flag):
     return [int(b) for b in flag.split(",") if b]
 

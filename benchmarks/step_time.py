@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from selfperc_jax import flops, sharding, train  # noqa: E402
+from selfperc_jax import config_tree, flops, sharding, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -71,6 +71,15 @@ def _peak_memory(compiled) -> int | None:
     return None
   return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
              - getattr(mem, "alias_size_in_bytes", 0))
+
+
+def one_device(config, per_device_batch: int, **overrides):
+  """The config on this process's first device alone, at this batch, with dotted-key overrides."""
+  c = config.copy_and_resolve_references()
+  c.mesh.data, c.mesh.fsdp = 1, 1
+  c.batch_size = per_device_batch
+  c.sample.batch_size = per_device_batch
+  return config_tree.set_values(c, overrides)
 
 
 def phase_config(config, perceptual: bool):
@@ -240,10 +249,7 @@ def stored_bytes_per_example(setup) -> int:
 def compiled_memory(config, per_device_batch: int) -> dict:
   """XLA's memory analysis (GiB) of the self-perceptual step compiled on one device at this batch, from the abstract
   state: nothing is allocated or run, so configs far larger than this machine's memory can be compiled."""
-  config = phase_config(config, perceptual=True)
-  config.mesh.data, config.mesh.fsdp = 1, 1
-  config.batch_size = config.sample.batch_size = per_device_batch
-  setup = train.Setup(config, with_data=False)
+  setup = train.Setup(phase_config(one_device(config, per_device_batch), perceptual=True), with_data=False)
   t0 = time.perf_counter()
   compiled = setup.step_fn(0).lower(setup.abstract_state, setup.abstract_batch(), jax.random.key(0)).compile()
   mem = compiled.memory_analysis()
