@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from third_party.sd_vae import convert
+from third_party.weights_io import write_safetensors
 
 
 def write_random_vae(path, vae_config, seed: int = 0) -> str:
@@ -20,5 +21,5 @@ def write_random_vae(path, vae_config, seed: int = 0) -> str:
       tensors[name] = (rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))).astype(np.float32)
     else:
       tensors[name] = (np.ones(shape) if name.endswith(".weight") else np.zeros(shape)).astype(np.float32)
-  convert.write_safetensors(str(path), tensors, metadata={"format": "pt"})
+  write_safetensors(str(path), tensors, metadata={"format": "pt"})
   return str(path)

@@ -15,37 +15,27 @@ Space: the 256x256 crops are encoded once by SD's kl-f8 VAE (sd-vae-ft-ema by de
 the samples are decoded by the same VAE before the PNG / .npz / FID outputs. The perceptual copy is the latent U-Net
 itself, as in the paper.
 
-Model (LATENT_UNET below): an ADM-style U-Net on the 32x32x4 latents, the pixel config's width (256 base channels,
-two residual blocks per level, 64-channel heads) over four levels, multipliers 1,2,3,4 (32, 16, 8, 4 pixels), with
-attention at 16, 8 and 4 pixels: 374,167,812 parameters (tests/test_configs.py recounts them) and 63.5 GFLOPs per
-image forward (a multiply-add counted as 2), counted by `benchmarks/step_time.py --analytic_only` (BENCHMARKS.md).
+Model: an ADM-style U-Net on the 32x32x4 latents, the pixel config's width (256 base channels, two residual blocks
+per level, 64-channel heads) over four levels, multipliers 1,2,3,4 (32, 16, 8, 4 pixels), with attention at 16, 8
+and 4 pixels: 374,167,812 parameters (tests/test_configs.py recounts them) and 63.5 GFLOPs per image forward (a
+multiply-add counted as 2), counted by `benchmarks/step_time.py --analytic_only` (BENCHMARKS.md).
 For comparison: LDM-4's ImageNet U-Net has about 400 M parameters (Rombach et al. 2022), DiT-L/2 458 M and DiT-XL/2
 675 M (Peebles & Xie 2023, who report 80.7 and 118.6 Gflops per forward on the same 32x32x4 latents, counted their
 way). The choice is LDM-4's capacity at about a DiT-L/2's compute: a step of batch 256 costs 1/31 of the pixel
 config's (about 2 TFLOPs per image forward, BENCHMARKS.md).
 """
 
-import importlib.util
-import os
-
-# The pixel config, loaded from beside this file (configs/ is not a package).
-_spec = importlib.util.spec_from_file_location(
-    "configs_imagenet256", os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet256.py"))
-_pixels = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_pixels)
-
-LATENT_UNET = dict(base_channels=256, channel_mult=(1, 2, 3, 4), num_res_blocks=2, attention_resolutions=(16, 8, 4),
-                   head_channels=64)
+from selfperc_jax import config_base
 
 
 def get_config(arg=None):
   try:
-    config = _pixels.get_config(arg)
+    config = config_base.load_beside(__file__, "imagenet256.py", arg)
   except ValueError as e:
     raise ValueError(str(e).replace("configs/imagenet256.py", "configs/imagenet256_latent.py")) from None
   config.latent.vae = "sd"
-  config.latent.flips = True  # both the crop and its mirror image are encoded, so data.random_flip stays on
   config.data.num_workers = 2  # no JPEG decoding: a latent record is read and drawn from in microseconds
-  for key, value in LATENT_UNET.items():
-    config.model[key] = value
+  # Four levels of the pixel U-Net's width, blocks and heads on the 32x32 latents (see above).
+  config.model.channel_mult = (1, 2, 3, 4)
+  config.model.attention_resolutions = (16, 8, 4)
   return config

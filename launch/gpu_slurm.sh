@@ -11,8 +11,9 @@
 # Environment: WORKDIR (required), DATA_DIR (the TFDS data directory holding imagenet2012 as array_record; default
 # $HOME/tensorflow_datasets), CONFIG (default configs/imagenet256.py:gpu), VENV (default .venv).
 # Five minutes before the time limit SLURM signals this script (--signal=B:USR1@300); it sends SIGTERM to the
-# training processes (scancel --signal), which checkpoint at the step they reached and exit, and then requeues the job, which resumes
-# from WORKDIR. A run that finishes is not requeued.
+# training processes (scancel --signal), which checkpoint at the step they reached and exit with code 75 ("stopped,
+# resume me"), and then requeues the job, which resumes from WORKDIR. A run that finishes (0) or fails (any other
+# code) is not requeued; the script exits with the training's exit code.
 #
 #SBATCH --job-name=selfperc
 #SBATCH --nodes=1
@@ -38,10 +39,19 @@ srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-12}" "$VENV/bi
 SRUN_PID=$!
 
 on_time_limit() {
-  echo "$(date) time limit near: checkpointing, then requeueing job $SLURM_JOB_ID"
+  echo "$(date) time limit near: checkpointing"
   scancel --signal=TERM "$SLURM_JOB_ID.0"  # every task of the training step (step 0) gets SIGTERM
-  wait "$SRUN_PID" || true
-  scontrol requeue "$SLURM_JOB_ID"
+  local rc=0
+  wait "$SRUN_PID" || rc=$?
+  if [[ $rc == 75 ]]; then
+    echo "$(date) stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+  else
+    echo "$(date) training exited with code $rc: not requeued"
+  fi
+  exit "$rc"
 }
 trap on_time_limit USR1
-wait "$SRUN_PID"
+rc=0
+wait "$SRUN_PID" || rc=$?
+exit "$rc"

@@ -6,8 +6,13 @@ Nothing here deletes or overwrites a checkpoint other than through orbax's keep-
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import sys
+import tempfile
+import threading
 from typing import Any
 
 import jax
@@ -35,19 +40,47 @@ def checkpoint_dir(path: str) -> str:
   return sub if fileio.isdir(sub) else path
 
 
+INCOMPLETE = ".orbax-checkpoint-tmp"  # orbax writes a step under <step><INCOMPLETE>, renamed to <step> when complete
+
+
 class Checkpointer:
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
+  """A save reports its failure, as one CheckpointError, at the first check() (every step) after it has failed; a
+  save that would not fit on a local disk (as large as the previous checkpoint on disk) is refused before it starts.
+  Folders of saves that never completed are removed when a writing Checkpointer opens the directory."""
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False,
+               trust_unverified: bool = False):
     self.directory = fileio.resolve(directory)
+    self.trust_unverified = trust_unverified
+    if not read_only:
+      self._remove_incomplete()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "config", "fingerprint"))
+    self._pending = None  # the step of the save in flight, until check() has seen it complete
+    self._log = None if read_only else _OrbaxErrorLog()
+    latest = self.manager.latest_step()
+    self._last_size = 0 if latest is None or read_only else _disk_usage(fileio.join(self.directory, str(latest)))
+
+  def _remove_incomplete(self) -> None:
+    """Removes the folders of saves that a killed or failed run left incomplete (never restorable; on a full disk
+    they hold the space the next save needs), saying which."""
+    if fileio.is_remote(self.directory) or not os.path.isdir(self.directory) or jax.process_index() != 0:
+      return
+    import shutil
+
+    for name in sorted(os.listdir(self.directory)):
+      if INCOMPLETE in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        print(f"removed {os.path.join(self.directory, name)}: a save that never completed", flush=True)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict) -> None:
-    self.check()
+    self.check(wait=True)  # the previous save's failure is reported as its own, not as this one's
+    self._check_writable(step)
     self._check_space(step, state)
     try:
       self.manager.save(
@@ -61,48 +94,73 @@ class Checkpointer:
           force=True,
       )
     except Exception as e:  # the synchronous part of the save (creating folders, the bucket) failed
-      raise CheckpointError(
-          f"saving checkpoint step {step} to {self.directory} failed ({type(e).__name__}: "
-          f"{str(e).splitlines()[0][:300] if str(e) else ''}). The run stopped; the last complete checkpoint is "
-          f"{self._last_complete()}. Fix the cause (disk space, permissions, the bucket) and rerun: it resumes "
-          "from there.") from e
+      raise self._failed(step, e) from None
+    self._pending = step
 
-  def check(self) -> None:
-    """Raises, as a CheckpointError saying what failed and where, the error of an asynchronous save that has
-    finished since (cheap: call it every step, so a failed save stops the run at once, not one interval later)."""
+  def check(self, wait: bool = False) -> None:
+    """Raises, as one CheckpointError saying what failed and where, the failure of the save in flight once it has
+    finished (cheap: call it every step, so a failed save stops the run at the next step, not one interval later).
+    wait: wait for the save to finish first."""
+    if self._pending is None or (not wait and self.manager.is_saving_in_progress()):
+      return
+    step, self._pending = self._pending, None
     try:
+      self.manager.wait_until_finished()
       self.manager.check_for_errors()
-      if not self.manager.is_saving_in_progress():
-        self.manager.wait_until_finished()  # returns at once, or raises the finished save's error
     except Exception as e:
-      latest = self._last_complete()
-      raise CheckpointError(
-          f"saving a checkpoint to {self.directory} failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
-          f"The run stopped; the last complete checkpoint is {latest}. Fix the cause (disk space, permissions, "
-          "the bucket) and rerun: it resumes from there.") from e
+      raise self._failed(step, e) from None
+    final = fileio.join(self.directory, str(step))
+    if not fileio.isdir(final):  # orbax logged the failure of an item and skipped the step's finalisation
+      raise self._failed(step, None)
+    if not fileio.is_remote(final):
+      self._last_size = _disk_usage(final)
+
+  def _failed(self, step: int, error: Exception | None) -> CheckpointError:
+    cause = _cause(error) if error is not None else (self._log.first if self._log and self._log.first else
+                                                       "it was not completed")
+    details = f" (orbax's log of it: {self._log.path})" if self._log and self._log.path else ""
+    return CheckpointError(
+        f"saving checkpoint step {step} to {self.directory} failed: {cause}{details}. The run stopped; the last "
+        f"complete checkpoint is {self._last_complete()}. Fix the cause (disk space, permissions, the bucket) and "
+        "rerun: it resumes from there.")
 
   def _last_complete(self) -> str:
     try:
-      steps = self.manager.all_steps(read=True)
+      self.manager.reload()
+      steps = self.manager.all_steps()
     except Exception:  # the folder itself may be what failed
       steps = []
     return f"step {max(steps)}" if steps else "none"
 
+  def _check_writable(self, step: int) -> None:
+    """A local folder that cannot be written (made read-only or immutable, permissions) fails here, at once: in
+    orbax's background threads it would fail only after a long wait for the step folder's creation."""
+    if fileio.is_remote(self.directory):
+      return
+    probe = os.path.join(self.directory, f".write_probe_{os.getpid()}")
+    try:
+      with open(probe, "w"):
+        pass
+      os.remove(probe)
+    except OSError as e:
+      raise self._failed(step, e) from None
+
   def _check_space(self, step: int, state) -> None:
-    """Refuses a save that cannot fit on a local disk (a bucket has no such limit to ask about)."""
+    """Refuses a save that cannot fit on a local disk (a bucket has no such limit to ask about): it needs as much
+    as the previous checkpoint took on disk (or, before the first, the state's bytes), plus 10 %."""
     if fileio.is_remote(self.directory):
       return
     import shutil
 
-    import jax
-
-    needed = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+    needed = 1.1 * max(self._last_size, state_bytes)
     free = shutil.disk_usage(self.directory).free
-    if free < 1.05 * needed:
+    if free < needed:
       raise CheckpointError(
           f"not enough disk space for checkpoint step {step} in {self.directory}: it needs about "
-          f"{needed / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free. The run stopped without saving (the last "
-          f"complete checkpoint is {self._last_complete()}); free space (or lower keep_checkpoints) and rerun.")
+          f"{_size(needed)} (the previous checkpoint took {_size(self._last_size)} on disk) and {_size(free)} are "
+          f"free. The run stopped without saving (the last complete checkpoint is {self._last_complete()}); free "
+          "space (or lower keep_checkpoints) and rerun.")
 
   def restore_config(self, step: int) -> dict:
     try:
@@ -118,7 +176,7 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, *, partial: bool = False) -> tuple[Any, dict | None]:
     """(state, data-iterator state); abstract_state holds ShapeDtypeStructs with the target shardings. The arrays
-    are checked against the fingerprint saved with them (checkpoints written before fingerprints: not checked)."""
+    are checked against the checksums saved with them; a checkpoint without them is corrupt unless trusted."""
     items = {"state": ocp.args.PyTreeRestore(
         abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
         partial_restore=partial)}
@@ -133,6 +191,11 @@ class Checkpointer:
           "folder aside to resume from an earlier one; if it was written by a different model config, use a new "
           "--workdir.") from e
     saved = self._saved_fingerprint(step)
+    if saved is None and not self.trust_unverified:
+      raise CorruptCheckpointError(
+          f"checkpoint step {step} in {self.directory} has no checksums (its fingerprint/ folder is missing), so "
+          "its arrays cannot be verified and it is treated as corrupt. If you know it is intact, put it back in "
+          "checkpoints/ and set --config.trust_unverified_checkpoints=True.")
     if saved is not None:
       now = fingerprint(restored["state"])
       bad = sorted(k for k in now if k in saved and saved[k] != now[k])
@@ -152,11 +215,99 @@ class Checkpointer:
                                    f"({type(e).__name__}).") from e
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self.check(wait=True)
+
+  def close(self, report: bool = True) -> None:
+    """Waits for the save in flight; report=False (the run is already stopping with an error) leaves its failure
+    unsaid rather than as a second error."""
+    try:
+      if report:
+        self.check(wait=True)
+    finally:
+      try:
+        self.manager.close()
+      except Exception as e:
+        if report:
+          raise CheckpointError(f"closing the checkpoints in {self.directory} failed: {_cause(e)}.") from None
+      if self._log is not None:
+        self._log.close()
+
+
+def _size(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _disk_usage(path: str) -> int:
+  """Bytes of the files below a local folder."""
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        total += os.path.getsize(os.path.join(root, name))
+      except OSError:
+        pass
+  return total
+
+
+_ERRNO_WORDS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system",
+                errno.EACCES: "Permission denied", errno.EDQUOT: "Disk quota exceeded"}
+
+
+def _cause(error) -> str:
+  """A short cause of a failed save: the OS error it comes down to, else the first line of its message."""
+  text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+  for words in _ERRNO_WORDS.values():
+    if words in text:
+      return words.lower()
+  first = text.splitlines()[0] if text else ""
+  return first[:200] + ("..." if len(first) > 200 else "")
+
+
+class _OrbaxErrorLog(logging.Filter):
+  """Keeps the error records of orbax's background saves (and of their asyncio tasks) off the console while a
+  writing Checkpointer is open: the run reports a failed save itself, in one line that gives the cause and names the
+  file these records go to instead."""
+
+  def __init__(self):
+    super().__init__()
+    self.first = None  # the cause in the first such record
+    self.path = None  # the file the records were written to (made on the first one)
+    self._handlers = list(logging.getLogger().handlers)
+    for handler in self._handlers:
+      handler.addFilter(self)
+    # Tensorstore's callbacks into orbax's event loop, closed after a failed write, print "Event loop is closed"
+    # tracebacks from C++ (one per pending write, until the process ends): they go to the same file.
+    self._stderr = sys.stderr
+    sys.stderr = _ClosedLoopTracebacks(sys.stderr, self)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or not ("orbax" in record.pathname or
+                                              record.name in ("asyncio", "concurrent.futures")):
+      return True
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += "\n" + f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+    if self.first is None:
+      self.first = _cause(text.splitlines()[-1] if record.exc_info else text)
+    self.write(logging.Formatter().format(record) + "\n")
+    return False
+
+  def write(self, text: str) -> None:
+    try:
+      if self.path is None:
+        fd, self.path = tempfile.mkstemp(prefix="selfperc_jax_orbax_", suffix=".log")
+        os.close(fd)
+      with open(self.path, "a") as f:
+        f.write(text)
+    except OSError:  # the temporary folder is full too: the record is dropped; the run's error still says the cause
+      pass
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Stops filtering the log records; sys.stderr stays filtered after a failure (its tracebacks come until exit)."""
+    for handler in self._handlers:
+      handler.removeFilter(self)
+    if self.path is None and isinstance(sys.stderr, _ClosedLoopTracebacks) and sys.stderr._log is self:
+      sys.stderr = self._stderr
 
 
 def _flatten(prefix: str, value) -> dict:
@@ -222,3 +373,33 @@ def fingerprint(state) -> dict[str, int]:
 
   sums = sharding.to_host(_sums([x for _, x in paths_leaves]))
   return {path: int(np.asarray(v)) for (path, _), v in zip(paths_leaves, sums)}
+
+
+class _ClosedLoopTracebacks:
+  """sys.stderr, less the "Event loop is closed" tracebacks (written to the log instead); everything else passes."""
+
+  def __init__(self, stream, log: _OrbaxErrorLog):
+    self._stream, self._log, self._held = stream, log, {}  # thread id -> the pieces of its traceback so far
+
+  def write(self, text: str) -> int:
+    thread = threading.get_ident()  # (threads' writes interleave: each thread's traceback is held apart)
+    held = self._held.get(thread)
+    if held is None and not text.startswith("Traceback (most recent call last):"):
+      return self._stream.write(text)
+    held = self._held.setdefault(thread, [])
+    held.append(text)
+    block = "".join(held)
+    last = block.rstrip("\n").rsplit("\n", 1)[-1]
+    if block.endswith("\n") and last and not last.startswith((" ", "Traceback")):  # the exception's own line
+      del self._held[thread]
+      if last.startswith("RuntimeError: Event loop is closed"):
+        self._log.write(block)
+      else:
+        self._stream.write(block)
+    return len(text)
+
+  def flush(self) -> None:
+    self._stream.flush()
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)

@@ -27,3 +27,11 @@ class WorkdirLockedError(UserError):
 
 class NonFiniteError(UserError):
   """The loss or the gradient became NaN/inf (on_nonfinite='stop')."""
+
+
+EXIT_STOPPED = 75  # the exit code of a run stopped before its end with a checkpoint (EX_TEMPFAIL): run it again
+
+
+class Stopped(Exception):
+  """The run stopped before its end, on purpose (SIGTERM, preemption, Ctrl-C), with a checkpoint at the step it
+  reached: not finished, not failed. main exits with EXIT_STOPPED."""

@@ -27,18 +27,11 @@ import ml_collections
 import numpy as np
 
 from selfperc_jax import checkpoint, config_tree, fileio, generate, sharding, train
-from selfperc_jax.errors import ConfigError
+from selfperc_jax.errors import ConfigError, Stopped
 from selfperc_jax.evaluation import evaluate, report
 
 PRETRAIN = "pretrain"
 CACHE = "compile_cache"  # JAX's persistent compilation cache, shared by the stages
-
-
-EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, not failed; run again
-
-
-class Stopped(Exception):
-  """A stage ended before its last step (preemption): the comparison stops, to be continued by a rerun."""
 
 
 def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, ml_collections.ConfigDict]:
@@ -107,7 +100,7 @@ class Comparison:
       print(f"[comparison {time.perf_counter() - self.t0:7.0f}s] {text}", flush=True)
 
   def run(self) -> list[dict]:
-    fileio.makedirs(self.workdir)
+    fileio.make_workdir(self.workdir)
     lock = train.lock_workdir(self.workdir)
     try:
       for name, cfg in self.stages.items():
@@ -133,12 +126,10 @@ class Comparison:
       self._say(f"{name}: trained ({cfg.total_steps} steps) already")
       return
     self._say(f"{name}: training {cfg.total_steps} steps in {workdir}")
-    train.train_and_evaluate(cfg, workdir)
-    latest = _latest_step(workdir) if self.lead else None
-    if not _from_process_0((latest or 0) >= cfg.total_steps):
-      # Preempted (SIGTERM): the stage saved where it stood; what comes after it must not start from there.
-      raise Stopped(f"stage {name} stopped at step {latest} of {cfg.total_steps} (preempted); run the same command "
-                    "again to continue the comparison from there")
+    try:
+      train.train_and_evaluate(cfg, workdir)
+    except Stopped as e:  # the stage saved where it stood; what comes after it must not start from there
+      raise Stopped(f"stage {name}: {e} the comparison from there") from None
 
   def evaluate(self, name: str, cfg, guidance_scale: float) -> dict:
     from selfperc_jax import modes  # (imports the trainer's Setup, as this module does)
@@ -240,11 +231,7 @@ def main(argv):
     raise app.UsageError("--mode belongs to selfperc_jax.main; the comparison trains, evaluates and reports itself.")
   cli.configure_logging()
   command = " ".join(["python -m selfperc_jax.experiments"] + sys.argv[1:])
-  try:
-    cli.run_reporting_errors(lambda: run(cli.FLAGS.config, cli.FLAGS.workdir, command))
-  except Stopped as e:
-    print(f"stopped: {e}", flush=True)
-    sys.exit(EXIT_STOPPED)
+  cli.run_reporting_errors(lambda: run(cli.FLAGS.config, cli.FLAGS.workdir, command))  # a stopped stage: exit 75
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import uuid
 import zipfile
 
 import numpy as np
@@ -69,7 +67,7 @@ class NpzStreamWriter:
     self.labels = np.asarray(labels, np.int64)
     self.shape = (len(self.labels),) + tuple(image_shape)
     self.written = 0
-    self._tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}_{uuid.uuid4().hex[:8]}")
+    self._tmp = fileio.partial_name(self.path)
     self._file = self._tmp.open("wb")
     self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED)
     self._member = self._zip.open("arr_0.npy", "w", force_zip64=True)

@@ -7,12 +7,24 @@ only JAX installed) the run goes on with metrics.jsonl and the console.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
 from absl import logging
 
 from selfperc_jax import fileio
+
+
+def json_line(record: dict) -> str:
+  """One metrics.jsonl row, valid JSON always: a non-finite number is written as the string "NaN", "Infinity" or
+  "-Infinity" (what float() reads back), never as the bare NaN that strict JSON readers reject."""
+  def value(v):
+    if isinstance(v, float) and not math.isfinite(v):
+      return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    return v
+
+  return json.dumps({k: value(v) for k, v in record.items()}, allow_nan=False)
 
 
 def _format_duration(seconds: float) -> str:
@@ -70,7 +82,7 @@ class MetricLogger:
     self._last_time, self._last_step = now, step
     if not self.enabled:
       return record
-    fileio.append_text(self.path, json.dumps(record) + "\n")
+    fileio.append_text(self.path, json_line(record) + "\n")
     if self._writer is not None:
       self._writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
     eta = ""
@@ -88,7 +100,7 @@ class MetricLogger:
     if not self.enabled:
       return
     record = {f"eval/{k}": float(v) for k, v in metrics.items()}
-    fileio.append_text(self.path, json.dumps({"step": int(step), **record}) + "\n")
+    fileio.append_text(self.path, json_line({"step": int(step), **record}) + "\n")
     if self._writer is not None:
       self._writer.write_scalars(step, record)
 

@@ -16,7 +16,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from selfperc_jax.errors import UserError
+from selfperc_jax.errors import EXIT_STOPPED, Stopped, UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:arg]).", lock_config=True)
@@ -81,7 +81,8 @@ def configure_logging() -> None:
 
 
 def run_reporting_errors(job) -> None:
-  """Starts jax.distributed as the flags say, then runs job(); a UserError becomes one "error:" line, exit 2."""
+  """Starts jax.distributed as the flags say, then runs job(); a UserError becomes one "error:" line, exit 2; a run
+  stopped with a checkpoint to be resumed (SIGTERM, preemption, Ctrl-C) exits with EXIT_STOPPED (75)."""
   from selfperc_jax import distributed  # imported here so that `--help` and flag errors come back before JAX starts
 
   try:
@@ -90,6 +91,9 @@ def run_reporting_errors(job) -> None:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+  except Stopped as e:
+    print(f"stopped: {e}", flush=True)
+    sys.exit(EXIT_STOPPED)
 
 
 def main(argv):

@@ -12,7 +12,7 @@ import numpy as np
 
 from selfperc_jax import (checkpoint, config_tree, data, space, diffusion, fileio, flops, generate, sharding, step as step_lib,
                           validation)
-from selfperc_jax.errors import CheckpointError, CorruptCheckpointError, NonFiniteError, WorkdirLockedError
+from selfperc_jax.errors import CheckpointError, CorruptCheckpointError, NonFiniteError, Stopped, WorkdirLockedError
 from selfperc_jax.evaluation import evaluate
 from selfperc_jax.logging_utils import MetricLogger
 from selfperc_jax.preemption import PreemptionWatcher
@@ -86,7 +86,8 @@ class Setup:
 
   def checkpointer(self, read_only: bool = False) -> checkpoint.Checkpointer:
     return checkpoint.Checkpointer(fileio.join(self.workdir, "checkpoints"), self.config.keep_checkpoints,
-                                   read_only=read_only)
+                                   read_only=read_only,
+                                   trust_unverified=self.config.trust_unverified_checkpoints)
 
 
 def check_compatible(ckpt: checkpoint.Checkpointer, step: int, config, what: str) -> None:
@@ -104,7 +105,8 @@ def _open_init_source(setup: Setup) -> tuple[checkpoint.Checkpointer, int]:
   if not fileio.isdir(directory):
     raise CheckpointError(f"init_from={source!r} does not exist; give a workdir (or its checkpoints/ folder) of an "
                           "earlier run.")
-  src = checkpoint.Checkpointer(directory, read_only=True)
+  src = checkpoint.Checkpointer(directory, read_only=True,
+                                trust_unverified=setup.config.trust_unverified_checkpoints)
   latest = src.latest_step()
   if latest is None:
     raise CheckpointError(f"init_from={source!r} holds no checkpoint; give the workdir of a run that saved one.")
@@ -275,11 +277,12 @@ class NonFiniteGuard:
     if first_bad >= 0:
       ckpt.wait()
       last = ckpt.latest_step()
-      kept = f"the workdir's latest checkpoint is step {last} (finite)" if last is not None else "no checkpoint was saved"
+      kept, rerun = ((f"the workdir's latest checkpoint is step {last} (finite)", "it resumes from that checkpoint")
+                     if last is not None else ("no checkpoint was saved", "it starts again from step 0"))
       raise NonFiniteError(
           f"the loss or gradient became non-finite (NaN/inf) at step {first_bad}; training stopped and nothing "
           f"after it was saved ({kept}). Lower optimizer.learning_rate or lengthen optimizer.warmup_steps and rerun "
-          "(it resumes from that checkpoint), or set --config.on_nonfinite=skip to skip such updates.")
+          f"({rerun}), or set --config.on_nonfinite=skip to skip such updates.")
 
 
 class PeriodicOutputs:
@@ -335,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
   notebook); calling again continues exactly where it stopped.
   """
   setup = Setup(config, workdir)
-  fileio.makedirs(setup.workdir)
+  fileio.make_workdir(setup.workdir)
   lock = lock_workdir(setup.workdir)
   try:
     return _train(setup, num_steps)
@@ -361,6 +364,8 @@ def _train(setup: Setup, num_steps: int | None) -> dict | None:
   base_key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(base_key)
   ckpt = setup.checkpointer()
+  if jax.process_index() == 0:
+    _remove_partial_outputs(setup.workdir)
   state, restored = restore_or_init(setup, ckpt, init_key)
   start = 0 if restored is None else restored
   outputs = PeriodicOutputs(setup)
@@ -386,13 +391,14 @@ def _train(setup: Setup, num_steps: int | None) -> dict | None:
 
   print(f"training {config.total_steps - start} steps from step {start} in {setup.workdir} on "
         f"{setup.mesh.size} device(s)", flush=True)
-  last = None
+  last = preempted = None
   t0 = time.perf_counter()
   logger.start(start)
   stop = config.total_steps if num_steps is None else min(config.total_steps, start + num_steps)
   preemption = PreemptionWatcher()
   guard = NonFiniteGuard(config.on_nonfinite)
   profiler = Profiler(config.profile, setup.workdir)
+  failed = True
   try:
     for step in range(start, stop):
       profiler.before(step)
@@ -404,7 +410,7 @@ def _train(setup: Setup, num_steps: int | None) -> dict | None:
       preempted = preemption.should_stop(done)
       if preempted:
         stop = done  # checkpoint below, then leave; the next start resumes here (and writes this step's outputs)
-        print(f"preempted: saving a checkpoint at step {done} and stopping", flush=True)
+        print(f"{preempted}: saving a checkpoint at step {done} and stopping", flush=True)
       if step == start:
         jax.block_until_ready(metrics)
         print(f"first step (with compilation) took {time.perf_counter() - t0:.1f}s", flush=True)
@@ -423,12 +429,24 @@ def _train(setup: Setup, num_steps: int | None) -> dict | None:
       outputs.write(state.ema_params, done, due)
       if done == stop:
         break
+    failed = False
   finally:
     profiler.close()
     preemption.close()
-    ckpt.close()
+    ckpt.close(report=not failed)  # a run already stopping with an error does not add a second one
     logger.close()
+  if preempted:
+    raise Stopped(f"{preempted} at step {stop} of {config.total_steps}, with a checkpoint there; run the same command "
+                  "again to continue")
   return last
+
+
+def _remove_partial_outputs(workdir: str) -> None:
+  """Removes the sample and evaluation files that a killed run was writing (never complete; large at scale)."""
+  for sub in ("samples", "eval", ""):
+    folder = fileio.join(workdir, sub) if sub else workdir
+    for name in fileio.remove_partial_files(folder):
+      print(f"removed {fileio.join(folder, name)}: a file whose writing was stopped midway", flush=True)
 
 
 class Profiler:

@@ -85,6 +85,7 @@ def validate(config) -> None:
   for key in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
     _require(int(config[key]) >= 1, f"{key}={config[key]} must be a positive integer.")
   _one_of(config.on_nonfinite, ("stop", "skip"), "on_nonfinite")
+  _require(isinstance(config.trust_unverified_checkpoints, bool), "trust_unverified_checkpoints must be True or False.")
   _require(config.sample_every >= 0, f"sample_every={config.sample_every} must be >= 0 (0 turns periodic samples off).")
   _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 turns periodic evaluation off).")
   _one_of(config.data.name, tuple(pipeline.DATASETS), "data.name")

@@ -5,10 +5,13 @@ REFRESH_EVERY seconds, also during long evaluations. A run that exits in any ord
 or a preemption) removes it. A lock left behind by a killed run is stale, and taken over with a message: on the same
 host that is checked directly (the process is gone, or the machine has rebooted since); a holder on another machine
 (e.g. a pod worker that was preempted and recreated) is taken as gone once its lock is `stale_after` seconds old.
+On a local or shared disk, looking at the lock and taking it happen under a kernel lock (flock) of workdir/LOCK.guard,
+so of two trainers that find the same stale lock exactly one takes it over.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -28,16 +31,6 @@ def _boot_id() -> str:
       return f.read().strip()
   except OSError:
     return ""
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # exists, owned by someone else
-    return True
-  return True
 
 
 class WorkdirLock:
@@ -60,10 +53,24 @@ class WorkdirLock:
     if not holder or "pid" not in holder:
       return True
     if holder.get("host") == self.me["host"]:
-      return holder.get("boot") != self.me["boot"] or not _alive(int(holder["pid"]))
+      return holder.get("boot") != self.me["boot"] or not fileio.process_alive(int(holder["pid"]))
     return time.time() - float(holder.get("refreshed", 0)) > self.stale_after
 
   def acquire(self) -> None:
+    if fileio.is_remote(self.path):
+      self._acquire()
+      return
+    # Two trainers that find the same stale lock must not both take it over (each would remove the other's new
+    # lock): on a local or shared disk the look-and-take runs under a kernel lock of workdir/LOCK.guard, which the
+    # kernel releases when its holder dies, so it can never be left stale itself.
+    with open(self.path + ".guard", "a") as guard:
+      try:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+      except OSError:  # a file system without flock (some FUSE mounts): the O_EXCL create below still decides
+        pass
+      self._acquire()
+
+  def _acquire(self) -> None:
     holder = self._read()
     if holder is not None:
       if not self._is_stale(holder):
@@ -110,10 +117,16 @@ class WorkdirLock:
     return json.dumps({**self.me, "started": self._started, "refreshed": self._refreshed, "nonce": self._nonce})
 
   def release(self) -> None:
+    """Removes the lock if it is still this run's. A lock that cannot be removed (the workdir made read-only) is
+    a warning, never an error that would hide the one that stopped the run: it is stale once this process is gone."""
     if not self._held:
       return
     self._stop.set()
     self._thread.join()
-    if (self._read() or {}).get("host") == self.me["host"] and (self._read() or {}).get("pid") == self.me["pid"]:
-      fileio.remove(self.path)
     self._held = False
+    holder = self._read() or {}
+    if holder.get("host") == self.me["host"] and holder.get("pid") == self.me["pid"]:
+      try:
+        fileio.remove(self.path)
+      except OSError as e:
+        print(f"warning: could not remove {self.path} ({e.strerror or e}); the next run takes it over", flush=True)

@@ -1,15 +1,21 @@
-"""The experiment configs: every variant is valid, all configs share one key set, and what the docstrings promise
-(the parameter count, the topologies) is what the configs build."""
+"""The experiment configs: every variant is valid and has the base's keys, each is what it was before the base
+(tests/fixtures/configs_before.json), a new data set is one file, and what the docstrings promise (the parameter
+count, the topologies) is what the configs build."""
 
+import importlib.util
+import json
 import re
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from conftest import REPO, load_config
-from selfperc_jax import config_tree, sharding, space, validation
+from selfperc_jax import config_base, config_tree, sharding, space, validation
 from selfperc_jax.models import unet
 
 VARIANTS = {"digits": ["", "tiny", "mse", "tiny,mse", "small", "small,mse"],
@@ -24,10 +30,55 @@ def _keys(config, prefix=""):
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n, args in VARIANTS.items() for a in args])
-def test_every_variant_is_valid_and_has_the_common_keys(name, arg):
+def test_every_variant_is_valid_and_has_the_base_keys(name, arg):
   config = load_config(name, arg)
   validation.validate(config)
-  assert _keys(config) == _keys(load_config("digits")), "configs must define the same keys (the code reads them all)"
+  assert _keys(config) == _keys(config_base.get_config()), "a config adds no key: define it in config_base.py"
+
+
+# tests/fixtures/record_configs.py: how the configs were recorded (tests/fixtures is not a package).
+_spec = importlib.util.spec_from_file_location("record_configs", REPO / "tests" / "fixtures" / "record_configs.py")
+record_configs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(record_configs)
+RECORDED = json.loads(record_configs.FIXTURE.read_text())
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in record_configs.ARGS.items() for a in args])
+def test_configs_are_the_ones_recorded_before_the_base(name, arg):
+  """Every key's value and type (a repr tells 1 from 1.0 and a tuple from a list), as configs/*.py built them when
+  each wrote out all its keys; keys added since are the base's (checked above)."""
+  recorded = RECORDED["configs"][record_configs.name_arg(name, arg)]
+  now = record_configs.typed(record_configs.load(name, arg))
+  assert {key: value for key, value in now.items() if key in recorded} == recorded
+
+
+def test_bad_arguments_get_the_errors_recorded_before_the_base():
+  for name, args in record_configs.BAD_ARGS.items():
+    for arg in args:
+      assert record_configs.error(name, arg) == RECORDED["errors"][record_configs.name_arg(name, arg)]
+
+
+def test_a_new_data_set_is_one_file_that_sets_what_differs(tmp_path, monkeypatch):
+  """A config file outside configs/, loaded as main loads --config (config_flags) from its own folder."""
+  (tmp_path / "digits16.py").write_text(textwrap.dedent("""\
+      from selfperc_jax import config_base
+
+
+      def get_config():
+        config = config_base.get_config()
+        config.data.image_size = 16
+        config.model.channel_mult = (1, 2, 2)
+        config.model.attention_resolutions = (8,)
+        return config
+      """))
+  monkeypatch.chdir(tmp_path)
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=flag_values)
+  flag_values(["main", "--config=digits16.py"])
+  config, base = flag_values.config, config_base.get_config()
+  validation.validate(config)
+  changed = {k for k in _keys(base) if config_tree.lookup(config, k) != config_tree.lookup(base, k)}
+  assert changed == {"data.image_size", "model.channel_mult", "model.attention_resolutions"}
 
 
 def test_imagenet256_defaults_to_the_pod_slice_and_rejects_unknown_arguments():

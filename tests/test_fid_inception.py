@@ -23,6 +23,7 @@ if str(REPO) not in sys.path:  # third_party/ is not an installed package; `pyth
   sys.path.insert(0, str(REPO))
 
 from selfperc_jax.errors import UserError  # noqa: E402
+from third_party import weights_io  # noqa: E402
 from third_party.fid_inception import convert, model  # noqa: E402
 from third_party.fid_inception.parity import make_fixture  # noqa: E402
 
@@ -105,7 +106,7 @@ def no_torch(monkeypatch):
   def refuse():
     raise AssertionError("the converter tried to import torch")
 
-  monkeypatch.setattr(convert, "_import_torch", refuse)
+  monkeypatch.setattr(weights_io, "_import_torch", refuse)
 
 
 def _assert_same_tree(a, b):
@@ -386,7 +387,7 @@ def test_pth_that_needs_torch_says_how_to_get_it(tmp_path, monkeypatch):
   path = tmp_path / "module.pth"
   with zipfile.ZipFile(path, "w") as zf:
     zf.writestr("archive/data.pkl", b"\x80\x02ctorch.nn.modules.conv\nConv2d\n)\x81.")
-  monkeypatch.setattr(convert, "_import_torch", lambda: None)
+  monkeypatch.setattr(weights_io, "_import_torch", lambda: None)
   with pytest.raises(convert.TorchRequiredError) as info:
     convert.load_variables(str(path))
   message = str(info.value)

@@ -142,3 +142,36 @@ def test_notebook_is_valid_and_refers_only_to_what_exists():
   assert keys, "the notebook sets config values"
   for key in keys:
     assert _config_key_exists(config, key), f"configs/digits.py has no key {key}"
+
+
+@pytest.mark.parametrize("training_exit,requeued", [(75, True), (0, False), (1, False)],
+                         ids=["stopped-with-checkpoint", "finished", "failed"])
+def test_gpu_script_requeues_only_a_run_that_stopped_to_be_resumed(tmp_path, training_exit, requeued):
+  """Near the time limit (USR1) the script sends SIGTERM to the training step; it requeues the job only when the
+  training exits with 75 (stopped with a checkpoint), and exits with the training's own code."""
+  import signal
+  import time
+
+  bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+  bin_dir.mkdir()
+  stubs = {  # srun: a training step that exits with `training_exit` on SIGTERM; scancel signals it
+      "srun": f"echo $$ > {tmp_path}/srun.pid; trap 'kill $!; exit {training_exit}' TERM; sleep 30 >/dev/null 2>&1 & wait",
+      "scancel": f'echo "scancel $*" >> {log}; kill -TERM "$(cat {tmp_path}/srun.pid)"',
+      "scontrol": f'echo "scontrol $*" >> {log}',
+  }
+  for name, body in stubs.items():
+    (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+    (bin_dir / name).chmod(0o755)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", WORKDIR=str(tmp_path / "w"), SLURM_JOB_ID="42",
+             SLURM_SUBMIT_DIR=str(REPO))
+  proc = subprocess.Popen(["bash", str(REPO / "launch" / "gpu_slurm.sh")], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 20
+  while not (tmp_path / "srun.pid").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGUSR1)
+  out = proc.communicate(timeout=30)[0]
+  calls = log.read_text().splitlines()
+  assert calls[0] == "scancel --signal=TERM 42.0", out
+  assert ("scontrol requeue 42" in calls) == requeued, out
+  assert proc.returncode == training_exit, out

@@ -375,12 +375,12 @@ def test_checkpoint_pickle_reads_without_torch(tmp_path, fixture, tiny_config):
 
 
 def test_pickle_that_needs_torch_says_how_to_get_it(tmp_path, monkeypatch):
-  from third_party.fid_inception import convert as pth  # the torch-free .pth reader the converter uses
+  from third_party import weights_io  # the torch-free .pth reader the converter uses
 
   path = tmp_path / "trainer.ckpt"  # a zip .ckpt whose pickle holds an object, not a state dict
   with zipfile.ZipFile(path, "w") as zf:
     zf.writestr("archive/data.pkl", b"\x80\x02cpytorch_lightning.callbacks\nModelCheckpoint\n)\x81.")
-  monkeypatch.setattr(pth, "_import_torch", lambda: None)
+  monkeypatch.setattr(weights_io, "_import_torch", lambda: None)
   with pytest.raises(convert.TorchRequiredError) as info:
     convert.load_variables(str(path))
   message = str(info.value)

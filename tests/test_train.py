@@ -268,15 +268,20 @@ def test_fingerprint_changes_with_any_single_flipped_bit():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flip_one_bit", [False, True], ids=["truncated", "one-bit-flipped"])
-def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(trained, tmp_path, capsys, flip_one_bit):
+@pytest.mark.parametrize("flip_one_bit,drop_checksums", [(False, False), (True, False), (True, True)],
+                         ids=["truncated", "one-bit-flipped", "one-bit-flipped-checksums-deleted"])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(trained, tmp_path, capsys, flip_one_bit,
+                                                                     drop_checksums):
   workdir, get_config = trained
   broken = tmp_path / "broken"
   shutil.copytree(workdir, broken)
   _corrupt(broken / "checkpoints" / "12", flip_one_bit)
+  if drop_checksums:  # without them the flipped bit cannot be seen: the checkpoint is unverified, so not trusted
+    shutil.rmtree(broken / "checkpoints" / "12" / "fingerprint")
   train.train_and_evaluate(_tiny(get_config), str(broken))
   out = capsys.readouterr().out
   assert "checkpoint step 12" in out and ("corrupt" in out or "could not be restored" in out)
+  assert ("has no checksums" in out) == drop_checksums
   assert "resuming from step 6, the newest intact checkpoint" in out
   assert "training 6 steps from step 6" in out
   assert os.listdir(broken / "checkpoints_corrupt") == ["12"]  # moved aside, not deleted
@@ -533,7 +538,9 @@ def test_killed_evaluation_resumes_from_its_chunks_and_gives_the_same_result(tra
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_restart_resumes_there(tmp_path):
+@pytest.mark.parametrize("signum,reason", [("SIGTERM", "preempted"), ("SIGINT", "interrupted")])
+def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_restart_resumes_there(tmp_path, signum, reason):
+  """SIGTERM (a preemption) and Ctrl-C alike: a checkpoint at the step reached, exit code 75, the run resumes there."""
   import signal
   import time
 
@@ -552,10 +559,10 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_restart_resumes_ther
   second = _main(*args)
   assert second.returncode == 2 and f"is in use by process {proc.pid} on " in second.stderr, second.stderr[-2000:]
   assert "Traceback" not in second.stderr
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(getattr(signal, signum))
   out = proc.communicate(timeout=300)[0]
-  assert proc.returncode == 0, out[-3000:]
-  assert "preempted: saving a checkpoint at step" in out
+  assert proc.returncode == 75, out[-3000:]  # stopped with a checkpoint: resume me (not 0, not a failure)
+  assert f"{reason}: saving a checkpoint at step" in out and "Traceback" not in out
   assert not (workdir / "LOCK").exists()  # released on the way out
   saved = checkpoint.Checkpointer(str(workdir / "checkpoints"), read_only=True).latest_step()
   logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]

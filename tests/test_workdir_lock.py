@@ -70,8 +70,9 @@ def test_a_recently_refreshed_lock_of_another_host_is_respected(tmp_path):
   assert json.loads((tmp_path / "LOCK").read_text())["host"] == "tpu-worker-0"  # untouched
 
 
-def test_two_runs_starting_at_the_same_moment_get_one_lock(tmp_path, monkeypatch):
-  """Both look before either writes (the race of two trainers started together): exactly one wins."""
+def _two_runs_at_once(tmp_path, monkeypatch, waits_after_reading) -> list[str]:
+  """Two trainers acquire the lock at once, each waiting after its read where waits_after_reading(holder) (so that
+  both have looked before either acts, where both can look at once); returns their outcomes, held or refused."""
   import threading
 
   barrier = threading.Barrier(2)
@@ -79,8 +80,12 @@ def test_two_runs_starting_at_the_same_moment_get_one_lock(tmp_path, monkeypatch
 
   def read_then_wait(self):
     holder = real_read(self)
-    if holder is None:
-      barrier.wait(timeout=10)  # both have seen "no lock" before either creates it
+    if waits_after_reading(holder):
+      try:  # one acts at once, the other a moment later (after the first has taken the lock)
+        if barrier.wait(timeout=1) == 0:
+          time.sleep(0.3)
+      except threading.BrokenBarrierError:  # the guard lets one look at a time
+        pass
     return holder
 
   monkeypatch.setattr(WorkdirLock, "_read", read_then_wait)
@@ -99,6 +104,37 @@ def test_two_runs_starting_at_the_same_moment_get_one_lock(tmp_path, monkeypatch
     t.start()
   for t in threads:
     t.join(timeout=30)
-  assert sorted(r[0] for r in results) == ["held", "refused"]
   monkeypatch.setattr(WorkdirLock, "_read", real_read)
-  next(lock for kind, lock in results if kind == "held").release()
+  for kind, lock in results:
+    if kind == "held":
+      lock.release()
+  return sorted(kind for kind, _ in results)
+
+
+def test_two_runs_starting_at_the_same_moment_get_one_lock(tmp_path, monkeypatch):
+  """Both look before either writes (the race of two trainers started together): exactly one wins."""
+  assert _two_runs_at_once(tmp_path, monkeypatch, lambda holder: holder is None) == ["held", "refused"]
+
+
+def test_two_runs_finding_the_same_stale_lock_get_one_lock(tmp_path, monkeypatch):
+  """Both have read the dead holder's lock before either takes it over (the race of two trainers restarted
+  together): without the guard each removes the other's new lock and both train; with it exactly one wins."""
+  dead = _dead_pid()
+  _write_lock(tmp_path, pid=dead)
+  assert _two_runs_at_once(tmp_path, monkeypatch, lambda holder: bool(holder) and holder.get("pid") == dead) == [
+      "held", "refused"]
+
+
+def test_a_lock_that_cannot_be_removed_is_a_warning_not_an_error(tmp_path, monkeypatch, capsys):
+  """A workdir made read-only mid-run: the lock's removal must not replace the error that stopped the run."""
+  from selfperc_jax import fileio
+
+  lock = WorkdirLock(str(tmp_path))
+  lock.acquire()
+
+  def refuse(path):
+    raise PermissionError(13, "Permission denied", str(path))
+
+  monkeypatch.setattr(fileio, "remove", refuse)
+  lock.release()
+  assert "warning: could not remove" in capsys.readouterr().out
