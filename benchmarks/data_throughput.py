@@ -27,7 +27,7 @@ sys.path.insert(0, REPO)  # run as a script from anywhere
 
 from absl import app, flags  # noqa: E402
 
-from selfperc_jax import data  # noqa: E402
+from selfperc_jax import input_pipeline  # noqa: E402
 from selfperc_jax.data import imagenet  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -80,7 +80,7 @@ def _config(data_dir: str, image_size: int, batch: int, workers: int, threads: i
 
 def pipeline_images_per_s(data_dir: str, image_size: int, batch: int, workers: int, threads: int,
                           batches: int) -> float:
-  pipeline = data.build(_config(data_dir, image_size, batch, workers, threads), rows=(0, batch))
+  pipeline = input_pipeline.build(_config(data_dir, image_size, batch, workers, threads), rows=(0, batch))
   # Not timed: start-up, and the batches already in flight when the first one arrives (one per thread per process).
   for _ in range(max(1, workers) * threads + 1):
     next(pipeline)

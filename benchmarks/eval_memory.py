@@ -58,11 +58,11 @@ def _run(args: list[str]) -> tuple[float, int, str]:
 
 def _program_bytes(config, workdir: str, batch: int) -> dict:
   """XLA's memory analysis (per device) of the chunk program with `batch` samples per chunk."""
-  from selfperc_jax import train
+  from selfperc_jax.setup import Setup
 
   config = config.copy_and_resolve_references()
   config.sample.batch_size = batch
-  setup = train.Setup(config, workdir, with_data=False)
+  setup = Setup(config, workdir, with_data=False)
   evaluator = setup.evaluator()
   m = evaluator.generator.lower(setup.abstract_state.ema_params).compile().memory_analysis()
   return {"temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes}

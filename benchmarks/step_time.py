@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from selfperc_jax import config_tree, flops, sharding, train  # noqa: E402
+from selfperc_jax import config_tree, flops, sharding  # noqa: E402
+from selfperc_jax.setup import Setup  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -103,7 +104,7 @@ class Variant:
   def __init__(self, config, perceptual: bool, seed: int = 0):
     config = phase_config(config, perceptual)
     self.config = config
-    self.setup = train.Setup(config, with_data=False)
+    self.setup = Setup(config, with_data=False)
     self.state = self.setup.init_state(jax.random.key(seed))
     rng = np.random.default_rng(seed)
     shape = (config.batch_size,) + tuple(self.setup.model_shape)
@@ -249,7 +250,7 @@ def stored_bytes_per_example(setup) -> int:
 def compiled_memory(config, per_device_batch: int) -> dict:
   """XLA's memory analysis (GiB) of the self-perceptual step compiled on one device at this batch, from the abstract
   state: nothing is allocated or run, so configs far larger than this machine's memory can be compiled."""
-  setup = train.Setup(phase_config(one_device(config, per_device_batch), perceptual=True), with_data=False)
+  setup = Setup(phase_config(one_device(config, per_device_batch), perceptual=True), with_data=False)
   t0 = time.perf_counter()
   compiled = setup.step_fn(0).lower(setup.abstract_state, setup.abstract_batch(), jax.random.key(0)).compile()
   mem = compiled.memory_analysis()
@@ -264,7 +265,7 @@ def analytic_plan(config) -> dict:
   """Counts without compiling: params, float32 train-state bytes, matmul FLOPs per step at the config's batch
   (training = forward + backward = 3 forwards; self-perceptual adds 3 encoder passes, see the header), and the
   activations one forward stores for the backward per example."""
-  setup = train.Setup(config, with_data=False)
+  setup = Setup(config, with_data=False)
   forward, encoder = analytic_flops(setup)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
   state = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state))

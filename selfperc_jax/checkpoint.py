@@ -1,18 +1,14 @@
 """Orbax checkpoints in `workdir/checkpoints`: the sharded train state, the data-iterator state and the config.
 
 Restores place arrays with the shardings of the abstract state they are given, i.e. on the *current* mesh.
-Nothing here deletes or overwrites a checkpoint other than through orbax's keep-N policy.
+Nothing here deletes or overwrites a checkpoint other than through orbax's keep-N policy; the folders of saves that
+never completed are removed.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import logging
 import os
-import sys
-import tempfile
-import threading
 from typing import Any
 
 import jax
@@ -21,17 +17,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from selfperc_jax import config_tree, fileio
+from selfperc_jax import fileio, save_errors
 from selfperc_jax.errors import CheckpointError, CorruptCheckpointError
-
-# Config sections that fix the shapes of the state; a checkpoint only resumes under the same values.
-SHAPE_KEYS = ("model", "data.image_size", "data.name", "latent.vae", "latent.channels", "latent.block_out_channels")
-# Keys inside those sections that change how the model computes, not what it holds.
-NON_SHAPE_KEYS = ("model.dtype", "model.remat", "model.dropout", "model.attention")
-# Keys added after checkpoints were already written: a saved config without them had these values.
-ADDED_KEY_DEFAULTS = {"model.head_channels": 0, "model.attention": "auto", "optimizer.accumulate_steps": 1,
-                      "latent.vae": "", "latent.channels": 0, "latent.block_out_channels": ()}
-
 
 def checkpoint_dir(path: str) -> str:
   """Accepts a workdir or its checkpoints/ folder."""
@@ -59,7 +46,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "config", "fingerprint"))
     self._pending = None  # the step of the save in flight, until check() has seen it complete
-    self._log = None if read_only else _OrbaxErrorLog()
+    self._log = None if read_only else save_errors.OrbaxErrorLog()
     latest = self.manager.latest_step()
     self._last_size = 0 if latest is None or read_only else _disk_usage(fileio.join(self.directory, str(latest)))
 
@@ -116,7 +103,7 @@ class Checkpointer:
       self._last_size = _disk_usage(final)
 
   def _failed(self, step: int, error: Exception | None) -> CheckpointError:
-    cause = _cause(error) if error is not None else (self._log.first if self._log and self._log.first else
+    cause = save_errors.cause(error) if error is not None else (self._log.first if self._log and self._log.first else
                                                        "it was not completed")
     details = f" (orbax's log of it: {self._log.path})" if self._log and self._log.path else ""
     return CheckpointError(
@@ -228,7 +215,7 @@ class Checkpointer:
         self.manager.close()
       except Exception as e:
         if report:
-          raise CheckpointError(f"closing the checkpoints in {self.directory} failed: {_cause(e)}.") from None
+          raise CheckpointError(f"closing the checkpoints in {self.directory} failed: {save_errors.cause(e)}.") from None
       if self._log is not None:
         self._log.close()
 
@@ -247,104 +234,6 @@ def _disk_usage(path: str) -> int:
       except OSError:
         pass
   return total
-
-
-_ERRNO_WORDS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system",
-                errno.EACCES: "Permission denied", errno.EDQUOT: "Disk quota exceeded"}
-
-
-def _cause(error) -> str:
-  """A short cause of a failed save: the OS error it comes down to, else the first line of its message."""
-  text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
-  for words in _ERRNO_WORDS.values():
-    if words in text:
-      return words.lower()
-  first = text.splitlines()[0] if text else ""
-  return first[:200] + ("..." if len(first) > 200 else "")
-
-
-class _OrbaxErrorLog(logging.Filter):
-  """Keeps the error records of orbax's background saves (and of their asyncio tasks) off the console while a
-  writing Checkpointer is open: the run reports a failed save itself, in one line that gives the cause and names the
-  file these records go to instead."""
-
-  def __init__(self):
-    super().__init__()
-    self.first = None  # the cause in the first such record
-    self.path = None  # the file the records were written to (made on the first one)
-    self._handlers = list(logging.getLogger().handlers)
-    for handler in self._handlers:
-      handler.addFilter(self)
-    # Tensorstore's callbacks into orbax's event loop, closed after a failed write, print "Event loop is closed"
-    # tracebacks from C++ (one per pending write, until the process ends): they go to the same file.
-    self._stderr = sys.stderr
-    sys.stderr = _ClosedLoopTracebacks(sys.stderr, self)
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR or not ("orbax" in record.pathname or
-                                              record.name in ("asyncio", "concurrent.futures")):
-      return True
-    text = record.getMessage()
-    if record.exc_info and record.exc_info[1] is not None:
-      text += "\n" + f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
-    if self.first is None:
-      self.first = _cause(text.splitlines()[-1] if record.exc_info else text)
-    self.write(logging.Formatter().format(record) + "\n")
-    return False
-
-  def write(self, text: str) -> None:
-    try:
-      if self.path is None:
-        fd, self.path = tempfile.mkstemp(prefix="selfperc_jax_orbax_", suffix=".log")
-        os.close(fd)
-      with open(self.path, "a") as f:
-        f.write(text)
-    except OSError:  # the temporary folder is full too: the record is dropped; the run's error still says the cause
-      pass
-
-  def close(self) -> None:
-    """Stops filtering the log records; sys.stderr stays filtered after a failure (its tracebacks come until exit)."""
-    for handler in self._handlers:
-      handler.removeFilter(self)
-    if self.path is None and isinstance(sys.stderr, _ClosedLoopTracebacks) and sys.stderr._log is self:
-      sys.stderr = self._stderr
-
-
-def _flatten(prefix: str, value) -> dict:
-  if isinstance(value, dict):
-    out = {}
-    for k, v in value.items():
-      out.update(_flatten(f"{prefix}.{k}", v))
-    return out
-  return {prefix: value}
-
-
-def shape_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-  """'key: saved -> current' for every shape-determining config value that differs."""
-  current = json.loads(config.to_json())
-  diffs = []
-  for key in SHAPE_KEYS:
-    old, new = _flatten(key, config_tree.lookup(saved, key)), _flatten(key, config_tree.lookup(current, key))
-    for k in sorted((set(old) | set(new)) - set(NON_SHAPE_KEYS)):
-      a, b = (ADDED_KEY_DEFAULTS.get(k) if d.get(k) is None else d[k] for d in (old, new))
-      if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
-        diffs.append(f"{k}: {a!r} in the checkpoint, {b!r} now")
-  return diffs
-
-
-def changed_values(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
-  """{dotted key: (value in the checkpoint, value now)} for every config value that differs (lists and tuples
-  compare equal; keys a checkpoint predates count with their defaults)."""
-  old = _flatten("", saved)
-  new = _flatten("", json.loads(config.to_json()))
-  norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
-  out = {}
-  for k in sorted(set(old) | set(new)):
-    key = k[1:]
-    a, b = old.get(k, ADDED_KEY_DEFAULTS.get(key)), new.get(k, ADDED_KEY_DEFAULTS.get(key))
-    if norm(a) != norm(b):
-      out[key] = (a, b)
-  return out
 
 
 @jax.jit
@@ -373,33 +262,3 @@ def fingerprint(state) -> dict[str, int]:
 
   sums = sharding.to_host(_sums([x for _, x in paths_leaves]))
   return {path: int(np.asarray(v)) for (path, _), v in zip(paths_leaves, sums)}
-
-
-class _ClosedLoopTracebacks:
-  """sys.stderr, less the "Event loop is closed" tracebacks (written to the log instead); everything else passes."""
-
-  def __init__(self, stream, log: _OrbaxErrorLog):
-    self._stream, self._log, self._held = stream, log, {}  # thread id -> the pieces of its traceback so far
-
-  def write(self, text: str) -> int:
-    thread = threading.get_ident()  # (threads' writes interleave: each thread's traceback is held apart)
-    held = self._held.get(thread)
-    if held is None and not text.startswith("Traceback (most recent call last):"):
-      return self._stream.write(text)
-    held = self._held.setdefault(thread, [])
-    held.append(text)
-    block = "".join(held)
-    last = block.rstrip("\n").rsplit("\n", 1)[-1]
-    if block.endswith("\n") and last and not last.startswith((" ", "Traceback")):  # the exception's own line
-      del self._held[thread]
-      if last.startswith("RuntimeError: Event loop is closed"):
-        self._log.write(block)
-      else:
-        self._stream.write(block)
-    return len(text)
-
-  def flush(self) -> None:
-    self._stream.flush()
-
-  def __getattr__(self, name):
-    return getattr(self._stream, name)

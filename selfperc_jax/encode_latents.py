@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfperc_jax import sharding, space
-from selfperc_jax.data import latents, pipeline
+from selfperc_jax import input_pipeline
+from selfperc_jax.data import latents
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.logging_utils import Progress
 
@@ -61,7 +62,7 @@ def _prepare_folder(directory: str, layout: latents.Layout, lead: bool) -> None:
       with open(tmp, "w") as f:
         f.write(layout.to_json())
       os.replace(tmp, os.path.join(directory, latents.META))
-  sharding.broadcast_from_process_0(np.int32(0))  # (a barrier: the folder and meta.json exist past this line)
+  sharding.barrier()  # the folder and meta.json exist past this line
   there = latents.read_layout(directory)
   if there is None:
     raise ConfigError(f"{directory}/{latents.META} is not visible from process {jax.process_index()}; latent.dir "
@@ -83,7 +84,7 @@ def run(config) -> dict:
   if not config.latent.dir:
     raise ConfigError("set --config.latent.dir to the folder the latents go to (and the trainer reads).")
   space.check_vae_weights(config.latent)
-  images = pipeline.open_image_source(config.data)
+  images = input_pipeline.open_image_source(config.data)
   lc = config.latent
   layout = space.latent_layout(config, num_examples=len(images), shard_size=int(lc.shard_size))
   directory = latents.split_dir(lc.dir, config.data.split)
@@ -128,7 +129,7 @@ def run(config) -> dict:
         os.remove(tmp)
       raise
     os.replace(tmp, final)
-  sharding.broadcast_from_process_0(np.int32(0))  # every process has finished its shards
+  sharding.barrier()  # every process has finished its shards
   missing = latents.missing_shards(directory, layout)
   rate = done / max(time.perf_counter() - t0, 1e-9)
   if lead:

@@ -26,9 +26,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from selfperc_jax import checkpoint, config_tree, fileio, generate, sharding, train
+from selfperc_jax import config_tree, fileio, generate, modes, resume, sharding, train, workdir_lock
 from selfperc_jax.errors import ConfigError, Stopped
 from selfperc_jax.evaluation import evaluate, report
+from selfperc_jax.setup import Setup
 
 PRETRAIN = "pretrain"
 CACHE = "compile_cache"  # JAX's persistent compilation cache, shared by the stages
@@ -71,21 +72,6 @@ def eval_config(config: ml_collections.ConfigDict, guidance_scale: float) -> ml_
   return c
 
 
-def _latest_step(workdir: str) -> int | None:
-  directory = fileio.join(workdir, "checkpoints")
-  if not fileio.isdir(directory):
-    return None
-  ckpt = checkpoint.Checkpointer(directory, 1, read_only=True)
-  try:
-    return ckpt.latest_step()
-  finally:
-    ckpt.close()
-
-
-def _from_process_0(flag: bool) -> bool:
-  return bool(int(sharding.broadcast_from_process_0(np.int32(1 if flag else 0))))
-
-
 class Comparison:
   """Runs the stages in order; every stage looks at its workdir first and skips what is already there."""
 
@@ -101,7 +87,7 @@ class Comparison:
 
   def run(self) -> list[dict]:
     fileio.make_workdir(self.workdir)
-    lock = train.lock_workdir(self.workdir)
+    lock = workdir_lock.lock_workdir(self.workdir)
     try:
       for name, cfg in self.stages.items():
         self.train(name, cfg)
@@ -122,7 +108,7 @@ class Comparison:
 
   def train(self, name: str, cfg) -> None:
     workdir = self.stage_dir(name)
-    if _from_process_0((_latest_step(workdir) or 0) >= cfg.total_steps):
+    if sharding.process_0_says((resume.latest_step(workdir) or 0) >= cfg.total_steps):
       self._say(f"{name}: trained ({cfg.total_steps} steps) already")
       return
     self._say(f"{name}: training {cfg.total_steps} steps in {workdir}")
@@ -132,14 +118,12 @@ class Comparison:
       raise Stopped(f"stage {name}: {e} the comparison from there") from None
 
   def evaluate(self, name: str, cfg, guidance_scale: float) -> dict:
-    from selfperc_jax import modes  # (imports the trainer's Setup, as this module does)
-
     cfg = eval_config(cfg, guidance_scale)
     workdir, step = self.stage_dir(name), int(cfg.total_steps)
     setting = evaluate.setting_name(cfg)
     eval_dir = fileio.join(workdir, "eval")
     result = evaluate.read_result(eval_dir, step, setting) if self.lead else None
-    if not _from_process_0(result is not None):
+    if not sharding.process_0_says(result is not None):
       self._say(f"{name}: evaluating at guidance {guidance_scale:g} ({setting})")
       result = modes.evaluate_checkpoint(cfg, workdir)
     else:
@@ -151,19 +135,17 @@ class Comparison:
     return row
 
   def grid(self, guidance_scale: float) -> None:
-    from selfperc_jax import modes
-
     path = fileio.join(self.workdir, "grids", f"guidance_{guidance_scale:g}.png")
-    if _from_process_0(fileio.exists(path) if self.lead else False):
+    if sharding.process_0_says(fileio.exists(path) if self.lead else False):
       return
     branches = [n for n in self.stages if n != PRETRAIN]
     grids = {}
     for name in branches:
       cfg = eval_config(self.stages[name], guidance_scale)
-      setup = train.Setup(cfg, self.stage_dir(name), with_data=False)
+      setup = Setup(cfg, self.stage_dir(name), with_data=False)
       _, params = modes.latest_sampling_params(setup)
       s = cfg.sample
-      labels = generate.class_labels(s.num_samples, cfg.model.num_classes, s.classes)
+      labels = generate.draw_labels(cfg)
       chunks = list(setup.generator().chunks(params, labels, s.seed))
       grids[name] = (np.concatenate([c.images for c in chunks])[: generate.GRID_MAX], labels[: generate.GRID_MAX])
     if self.lead:

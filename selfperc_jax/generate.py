@@ -32,9 +32,17 @@ def class_labels(num_samples: int, num_classes: int, classes=()) -> np.ndarray:
   return np.repeat(classes, per_class)
 
 
-def setting_name(sample_cfg) -> str:
-  """A name per sampling setting (sampler, steps, guidance), e.g. 'ddim50_cfg2_rescale0.7': file and result keys
-  that never collide between settings."""
+def draw_labels(config, *, evaluation: bool = False) -> np.ndarray:
+  """The labels of a draw from `config`: sample.num_samples of sample.classes (sample grids and files), or with
+  `evaluation` eval.num_samples over every class."""
+  if evaluation:
+    return class_labels(config.eval.num_samples, config.model.num_classes)
+  return class_labels(config.sample.num_samples, config.model.num_classes, config.sample.classes)
+
+
+def sampling_name(sample_cfg) -> str:
+  """A name per sampling setting (sampler, steps, guidance), e.g. 'ddim50_cfg2_rescale0.7': file names and the start
+  of evaluation.evaluate.setting_name, so that they never collide between settings."""
   s = sample_cfg
   name = f"{s.sampler}{s.steps}_cfg{s.guidance_scale:g}"
   if s.guidance_scale != 1 and s.guidance_rescale:

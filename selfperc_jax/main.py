@@ -8,8 +8,8 @@ import sys
 # TensorFlow (imported by the TensorBoard writer) prints C++ start-up chatter unless told otherwise.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # On a CPU-only machine JAX makes one device of all cores, and XLA spreads the small convolutions of a model like
-# the digits U-Net badly over them: split into 8 devices (the batch data-parallel over them) a digits step took
-# 312 ms instead of 580 ms on 2 cores (BENCHMARKS.md). Only the host platform is affected; accelerators are not.
+# the digits U-Net badly over them: 8 devices (the batch data-parallel over them) measured faster (BENCHMARKS.md).
+# Only the host platform is affected; accelerators are not.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 

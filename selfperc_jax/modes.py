@@ -6,21 +6,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from selfperc_jax import fileio, generate, sharding
+from selfperc_jax import fileio, generate, resume, sharding
 from selfperc_jax.errors import CheckpointError
-from selfperc_jax.train import Setup, check_compatible
+from selfperc_jax.setup import Setup
 
 
 def latest_sampling_params(setup: Setup):
   """(step, sampling-EMA params) of the workdir's latest checkpoint, placed on the current mesh."""
   ckpt_dir = fileio.join(setup.workdir, "checkpoints")
-  if not fileio.isdir(ckpt_dir):
+  ckpt, latest = resume.open_latest(ckpt_dir, setup.config.trust_unverified_checkpoints)
+  if ckpt is None:
     raise CheckpointError(f"{setup.workdir} has no checkpoints/ folder: train first (--mode=train) or fix --workdir.")
-  ckpt = setup.checkpointer(read_only=True)
-  latest = ckpt.latest_step()
   if latest is None:
     raise CheckpointError(f"{ckpt_dir} holds no checkpoint: train first (--mode=train) or fix --workdir.")
-  check_compatible(ckpt, latest, setup.config, "the workdir's checkpoint")
+  resume.check_compatible(ckpt, latest, setup.config, "the workdir's checkpoint")
   restored, _ = ckpt.restore(latest, {"ema_params": setup.abstract_state.ema_params}, partial=True)
   ckpt.close()
   if not bool(sharding.to_host(_all_finite(restored["ema_params"]))):
@@ -50,9 +49,9 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> s
   setup = Setup(config, workdir, with_data=False)
   latest, params = latest_sampling_params(setup)
   s = config.sample
-  name = f"step_{latest}_{generate.setting_name(s)}"
+  name = f"step_{latest}_{generate.sampling_name(s)}"
   # A name per setting, so that sampling never overwrites the training-time grids or another setting's samples.
-  labels = generate.class_labels(s.num_samples, config.model.num_classes, s.classes)
+  labels = generate.draw_labels(config)
   png = generate.write_samples(setup.generator(), params, fileio.join(setup.workdir, "samples"), f"{name}_seed{s.seed}",
                                labels, s.seed, progress_label=f"sampling from step {latest}")
   if png:

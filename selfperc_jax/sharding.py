@@ -123,7 +123,7 @@ def jit_train_step(train_step, mesh: Mesh, state_sharding):
   )
 
 
-def jit_init(init_fn, mesh: Mesh, state_sharding):
+def jit_init(init_fn, state_sharding):
   """Initialises the state directly in its sharded layout."""
   return jax.jit(init_fn, out_shardings=state_sharding)
 
@@ -164,3 +164,13 @@ def broadcast_from_process_0(value):
   from jax.experimental import multihost_utils
 
   return multihost_utils.broadcast_one_to_all(value)
+
+
+def process_0_says(flag: bool) -> bool:
+  """Process 0's yes or no, on every process (e.g. whether a file that only process 0 looks at exists)."""
+  return bool(int(broadcast_from_process_0(np.int32(1 if flag else 0))))
+
+
+def barrier() -> None:
+  """Every process waits here for all the others (e.g. until process 0 has written what they read next)."""
+  broadcast_from_process_0(np.int32(0))

@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from selfperc_jax.data.datasets import DATASETS
 from selfperc_jax.errors import ConfigError
 
 VAE_VARIANTS = ("sd", "sdxl")
@@ -42,10 +43,8 @@ def vae_config(latent_cfg):
 
 def image_shape(config) -> tuple[int, int, int]:
   """HWC of the images the data holds and the samples become."""
-  from selfperc_jax.data import pipeline
-
   size = int(config.data.image_size)
-  return (size, size, pipeline.DATASETS[config.data.name].channels)
+  return (size, size, DATASETS[config.data.name].channels)
 
 
 def model_shape(config) -> tuple[int, int, int]:

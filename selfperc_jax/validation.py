@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from selfperc_jax import config_tree, diffusion, losses, samplers, space
 from selfperc_jax.errors import ConfigError
-from selfperc_jax.data import pipeline
+from selfperc_jax.data.datasets import DATASETS
 from selfperc_jax.evaluation import evaluate
 from selfperc_jax.models import unet
 
@@ -66,7 +66,7 @@ def _check_latent(config) -> None:
   _require(isinstance(lc.flips, bool), "latent.flips must be True or False.")
   if not space.is_latent(config):
     return
-  _require(pipeline.DATASETS[config.data.name].channels == 3,
+  _require(DATASETS[config.data.name].channels == 3,
            f"latent.vae={lc.vae!r} encodes RGB images; data.name={config.data.name!r} is not RGB.")
   vae = space.vae_config(lc)
   _require(config.data.image_size % vae.downsampling_factor == 0,
@@ -88,8 +88,8 @@ def validate(config) -> None:
   _require(isinstance(config.trust_unverified_checkpoints, bool), "trust_unverified_checkpoints must be True or False.")
   _require(config.sample_every >= 0, f"sample_every={config.sample_every} must be >= 0 (0 turns periodic samples off).")
   _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 turns periodic evaluation off).")
-  _one_of(config.data.name, tuple(pipeline.DATASETS), "data.name")
-  data_set = pipeline.DATASETS[config.data.name]
+  _one_of(config.data.name, tuple(DATASETS), "data.name")
+  data_set = DATASETS[config.data.name]
   _one_of(config.data.split, data_set.splits, "data.split")
   _require(config.model.num_classes == data_set.num_classes,
            f"model.num_classes={config.model.num_classes} but data set {config.data.name!r} has "

@@ -18,7 +18,9 @@ import socket
 import threading
 import time
 
-from selfperc_jax import fileio
+import jax
+
+from selfperc_jax import fileio, sharding
 from selfperc_jax.errors import WorkdirLockedError
 
 STALE_AFTER = 180.0  # seconds without a refresh after which another machine's lock counts as abandoned
@@ -130,3 +132,16 @@ class WorkdirLock:
         fileio.remove(self.path)
       except OSError as e:
         print(f"warning: could not remove {self.path} ({e.strerror or e}); the next run takes it over", flush=True)
+
+
+def lock_workdir(workdir: str) -> WorkdirLock:
+  """Process 0 takes the workdir's lock; every process stops, with its message, if it cannot."""
+  lock, error = WorkdirLock(workdir), ""
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except WorkdirLockedError as e:
+      error = str(e)
+  if sharding.process_0_says(bool(error)):
+    raise WorkdirLockedError(error or f"{workdir} is in use by another run (process 0 has the details).")
+  return lock

@@ -2,17 +2,16 @@
 
 import os
 
-# The suite is bound by XLA:CPU compile time (tiny models, a few steps each). Without LLVM's optimisations the
-# digits step compiled in 16.1 s instead of 23.7 s and ran in 169 instead of 128 ms on 2 cores (2026-11-29), the
-# same loss to the last digit: a good trade for tests, never for training (main sets no such flag).
+# The suite is bound by XLA:CPU compile time (tiny models, a few steps each). Without LLVM's optimisations a step
+# compiles about a third faster and runs a little slower, with the same loss to the last digit: a good trade for
+# tests, never for training (main sets no such flag).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent compilation cache, kept between runs in .pytest_cache/ (git-ignored) and shared with the processes
 # the tests start: within a run many tests compile the same tiny-config programs, and in an edit-test loop the next
-# run compiles only the programs the edit changed (the fast subset on 2 cores, 2026-11-29: 157 s with an empty cache,
-# 77 s on the next run). An entry's key is the program itself with the compile options, XLA flags and jaxlib
+# run compiles only the programs the edit changed (README gives the fast subset's times both ways). An entry's key is the program itself with the compile options, XLA flags and jaxlib
 # version, so a stale entry is never hit; the folder is emptied once it passes 512 MiB. A JAX_COMPILATION_CACHE_DIR
 # set by the caller is used instead (CI's clean clone starts with an empty cache either way).
 import pathlib  # noqa: E402

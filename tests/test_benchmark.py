@@ -12,7 +12,8 @@ import optax
 import pytest
 
 from benchmarks import step_time
-from selfperc_jax import diffusion, flops, losses, sharding, train
+from selfperc_jax import diffusion, flops, losses, sharding
+from selfperc_jax.setup import Setup
 
 
 pytestmark = pytest.mark.slow  # subprocesses and end-to-end runs
@@ -111,7 +112,7 @@ def test_remat_recomputes_blocks_and_gives_the_same_step(tiny):
     tiny.model.remat = remat
     tiny.perceptual.start_step = 0
     tiny.perceptual.mse_weight = 1.0  # from step 0 on a random network: the check refuses the feature loss alone
-    setup = train.Setup(tiny, with_data=False)
+    setup = Setup(tiny, with_data=False)
     state = setup.init_state(jax.random.key(0))
     for i in range(3):
       state, metrics = setup.step_fn(i)(state, sharding.global_batch(batch, setup.mesh), jax.random.key(1))
@@ -125,7 +126,7 @@ def test_remat_recomputes_blocks_and_gives_the_same_step(tiny):
 
 def test_analytic_plan_counts_without_compiling(tiny):
   plan = step_time.analytic_plan(tiny)
-  setup = train.Setup(tiny, with_data=False)
+  setup = Setup(tiny, with_data=False)
   forward, encoder = step_time.analytic_flops(setup)
   b = tiny.batch_size
   assert plan["forward_gflops_per_example"] == pytest.approx(forward / b / 1e9)
@@ -152,7 +153,7 @@ def test_remat_stores_less_per_example_for_the_backward(tiny):
   stored = {}
   for remat in (False, True):
     tiny.model.remat = remat
-    setup = train.Setup(tiny, with_data=False)
+    setup = Setup(tiny, with_data=False)
     stored[remat] = step_time.stored_bytes_per_example(setup)
     # at least the input image is kept (float32, the model's shape), and far less than the params
     assert 4 * np.prod(setup.model_shape) <= stored[remat] < 4 * sum(x.size for x in

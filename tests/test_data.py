@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from selfperc_jax import data
+from selfperc_jax import input_pipeline
 from selfperc_jax.data import digits
 from selfperc_jax.errors import ConfigError
 
@@ -27,7 +27,7 @@ def test_resize():
 def test_pipeline_batches_are_deterministic_and_cover_an_epoch(digits_config):
   config = digits_config("tiny")
   config.batch_size = 100
-  a, b = data.build(config), data.build(config)
+  a, b = input_pipeline.build(config), input_pipeline.build(config)
   first = [next(a) for _ in range(15)]  # exactly one epoch of the 1500 training digits
   for x, y in zip(first, [next(b) for _ in range(15)]):
     np.testing.assert_array_equal(x["image"], y["image"])
@@ -39,17 +39,17 @@ def test_pipeline_batches_are_deterministic_and_cover_an_epoch(digits_config):
   second_epoch = next(a)
   assert not np.array_equal(second_epoch["image"], first[0]["image"])  # reshuffled every epoch
   config.seed = 1
-  assert not np.array_equal(next(data.build(config))["image"], first[0]["image"])
+  assert not np.array_equal(next(input_pipeline.build(config))["image"], first[0]["image"])
 
 
 def test_iterator_state_resumes_the_same_sequence(digits_config):
   config = digits_config("tiny")
-  a = data.build(config)
+  a = input_pipeline.build(config)
   for _ in range(7):
     next(a)
   state = a.get_state()
   expected = [next(a)["image"] for _ in range(3)]
-  b = data.build(config)
+  b = input_pipeline.build(config)
   b.set_state(state)
   for e in expected:
     np.testing.assert_array_equal(next(b)["image"], e)
@@ -58,8 +58,8 @@ def test_iterator_state_resumes_the_same_sequence(digits_config):
 def test_processes_read_disjoint_rows_of_the_same_global_batches(digits_config):
   config = digits_config("tiny")
   config.batch_size = 100
-  whole = data.build(config, rows=(0, 100))
-  halves = [data.build(config, rows=(0, 50)), data.build(config, rows=(50, 100))]
+  whole = input_pipeline.build(config, rows=(0, 100))
+  halves = [input_pipeline.build(config, rows=(0, 50)), input_pipeline.build(config, rows=(50, 100))]
   for _ in range(20):  # past the first epoch (15 batches)
     expected = next(whole)
     parts = [next(h) for h in halves]
@@ -72,4 +72,4 @@ def test_a_batch_larger_than_the_data_set_is_refused(digits_config):
   config = digits_config("tiny")
   config.batch_size = 2000
   with pytest.raises(ConfigError, match="lower batch_size"):
-    data.build(config)
+    input_pipeline.build(config)

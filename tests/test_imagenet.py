@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import NUM_SYNSETS, PER_SYNSET, REPO, load_config, override, write_ilsvrc_archives
-from selfperc_jax import data, train
+from selfperc_jax import input_pipeline, train
 from selfperc_jax.data import imagenet
 from selfperc_jax.errors import ConfigError
 
@@ -79,7 +79,7 @@ def _pipeline_config(data_dir, **overrides):
 
 def test_pipeline_flips_half_the_images_deterministically_and_resumes(tiny_imagenet):
   config = _pipeline_config(tiny_imagenet)
-  a = data.build(config)
+  a = input_pipeline.build(config)
   batches = [next(a) for _ in range(6)]
   assert batches[0]["image"].shape == (8, 32, 32, 3) and batches[0]["image"].dtype == np.float32
   images = np.concatenate([b["image"] for b in batches])
@@ -87,16 +87,16 @@ def test_pipeline_flips_half_the_images_deterministically_and_resumes(tiny_image
   flipped = images[:, :, :12].mean(axis=(1, 2, 3)) < images[:, :, 20:].mean(axis=(1, 2, 3))
   assert 0.25 < flipped.mean() < 0.75  # about half of 48 draws; flipped images keep their colour on the right
   # determinism, and a restored iterator state continues the same sequence
-  b = data.build(config)
+  b = input_pipeline.build(config)
   next(b), next(b)
   state = b.get_state()
-  c = data.build(config)
+  c = input_pipeline.build(config)
   c.set_state(state)
   for expected in batches[2:]:
     got = next(c)
     np.testing.assert_array_equal(got["image"], expected["image"])
     np.testing.assert_array_equal(got["label"], expected["label"])
-  no_flip = data.build(_pipeline_config(tiny_imagenet, **{"data.random_flip": False}))
+  no_flip = input_pipeline.build(_pipeline_config(tiny_imagenet, **{"data.random_flip": False}))
   unflipped = np.concatenate([next(no_flip)["image"] for _ in range(6)])
   assert (unflipped[:, :, :12].mean(axis=(1, 2, 3)) > unflipped[:, :, 20:].mean(axis=(1, 2, 3))).all()
 
@@ -111,8 +111,8 @@ def test_flipped_global_batch_is_the_same_for_any_number_of_processes(tiny_image
   """Two processes reading rows [0, 4) and [4, 8) of each global batch together read (and flip) exactly what one
   process reads: the flips are drawn per global position, not per process."""
   config = _pipeline_config(tiny_imagenet)
-  whole = data.build(config, rows=(0, 8))
-  halves = [data.build(config, rows=(0, 4)), data.build(config, rows=(4, 8))]
+  whole = input_pipeline.build(config, rows=(0, 8))
+  halves = [input_pipeline.build(config, rows=(0, 4)), input_pipeline.build(config, rows=(4, 8))]
   for _ in range(4):
     parts = [next(h) for h in halves]
     _assert_same_batches([next(whole)], [{k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")}])
@@ -120,13 +120,13 @@ def test_flipped_global_batch_is_the_same_for_any_number_of_processes(tiny_image
 
 def test_worker_processes_give_the_same_batches_and_resume(tiny_imagenet):
   """Each grain worker builds whole batches, so their number never changes the data; their state resumes too."""
-  inline = data.build(_pipeline_config(tiny_imagenet))
+  inline = input_pipeline.build(_pipeline_config(tiny_imagenet))
   expected = [next(inline) for _ in range(5)]
   config = _pipeline_config(tiny_imagenet, **{"data.num_workers": 2})
-  workers = data.build(config)
+  workers = input_pipeline.build(config)
   _assert_same_batches(expected[:2], [next(workers) for _ in range(2)])
   state = workers.get_state()
-  resumed = data.build(config)
+  resumed = input_pipeline.build(config)
   resumed.set_state(state)
   _assert_same_batches(expected[2:], [next(resumed) for _ in range(3)])
 

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import load_config, override, random_inception_weights, write_random_vae
 from selfperc_jax import encode_latents, modes, space, train, validation
-from selfperc_jax.data import latents, pipeline
+from selfperc_jax import input_pipeline as pipeline
+from selfperc_jax.data import latents
 from selfperc_jax.errors import ConfigError
 
 # A VAE of SD's layout at test size: two levels (downsampling 2), 8 and 16 channels.

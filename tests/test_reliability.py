@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from selfperc_jax import checkpoint, fileio, logging_utils, preemption, train
+from selfperc_jax import checkpoint, fileio, logging_utils, nonfinite, periodic, preemption, save_errors
 from selfperc_jax.errors import CheckpointError, CorruptCheckpointError, EvaluationError, NonFiniteError, UserError
 from selfperc_jax.evaluation import evaluate
 
@@ -236,7 +236,7 @@ def test_a_killed_sample_write_leaves_a_partial_file_that_the_next_run_removes(t
   assert len(partial) == 1 and partial[0].startswith("step_10.npz.tmp-")
   mine = fileio.partial_name(samples / "step_20.npz")  # a write in progress of a live process: kept
   mine.write_bytes(b"...")
-  train._remove_partial_outputs(str(tmp_path))
+  periodic.remove_partial_outputs(str(tmp_path))
   assert sorted(p.name for p in samples.iterdir()) == [mine.name]
   assert f"removed {samples / partial[0]}: a file whose writing was stopped midway" in capsys.readouterr().out
 
@@ -253,7 +253,7 @@ class _NoCheckpoints:
 
 
 def test_the_non_finite_error_does_not_promise_a_checkpoint_that_does_not_exist():
-  guard = train.NonFiniteGuard("stop")
+  guard = nonfinite.NonFiniteGuard("stop")
   guard.update({"nonfinite": jnp.int32(1)}, 3)
   with pytest.raises(NonFiniteError) as caught:
     guard.check(_NoCheckpoints())
@@ -284,9 +284,9 @@ def test_closed_event_loop_tracebacks_go_to_the_log_and_others_pass():
   import threading
 
   out = io.StringIO()
-  log = checkpoint._OrbaxErrorLog()
+  log = save_errors.OrbaxErrorLog()
   log.close()
-  stream = checkpoint._ClosedLoopTracebacks(out, log)
+  stream = save_errors.ClosedLoopTracebacks(out, log)
   closed = ["Traceback (most recent call last):\n", '  File "base_events.py", line 806\n',
             "    self._check_closed()\n", "RuntimeError: Event loop is closed\n"]
   half, main_wrote = threading.Event(), threading.Event()

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from selfperc_jax import data, sharding, step as step_lib, train
+from selfperc_jax import input_pipeline, sharding, step as step_lib
 from selfperc_jax.errors import ConfigError
+from selfperc_jax.setup import Setup
 
 
 def _build(config, num_devices, fsdp=1):
   """(mesh, make_state, step_fn): one compilation per phase serves several runs from the same initial state."""
   config.mesh.data = num_devices // fsdp
   config.mesh.fsdp = fsdp
-  setup = train.Setup(config)
+  setup = Setup(config)
   return setup.mesh, lambda: setup.init_state(jax.random.key(0)), setup.step_fn
 
 
@@ -37,7 +38,7 @@ def small_config(digits_config):
 
 
 def _batches(config, n):
-  pipeline = data.build(config)
+  pipeline = input_pipeline.build(config)
   return [next(pipeline) for _ in range(n)]
 
 
@@ -228,7 +229,7 @@ def test_micro_batches_are_strided_slices():
 def test_step_flops_are_per_device_and_count_the_perceptual_term(small_config):
   per_device = {}
   for devices in (1, 8):
-    setup = train.Setup(_config_with(small_config, devices))
+    setup = Setup(_config_with(small_config, devices))
     per_device[devices] = (setup.step_flops(0), setup.step_flops(small_config.perceptual.start_step))
   (mse1, sp1), (mse8, sp8) = per_device[1], per_device[8]
   assert mse8 == pytest.approx(mse1 / 8, rel=1e-6) and sp8 == pytest.approx(sp1 / 8, rel=1e-6)

@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from selfperc_jax import checkpoint, modes, train
-from selfperc_jax.errors import CheckpointError, ConfigError
+from selfperc_jax import checkpoint, modes, periodic, resume, train
+from selfperc_jax.errors import CheckpointError, ConfigError, NonFiniteError
+from selfperc_jax.setup import Setup
 
 from conftest import REPO, load_config, override, random_inception_weights
 
@@ -45,6 +46,12 @@ def _snapshot(directory):
       st = os.stat(path)
       out[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
   return out
+
+
+def test_is_due_every_n_steps_at_the_first_and_last_step_and_where_a_call_stops():
+  due = lambda every, total=10, **k: [s for s in range(1, total + 1) if periodic.is_due(s, every, total, **k)]
+  assert due(4) == [4, 8, 10] and due(4, last=False) == [4, 8] and due(4, first=True) == [1, 4, 8, 10]
+  assert due(4, stop=7) == [4, 7, 8, 10] and due(0, stop=7) == [] and due(0, first=True) == []  # 0: never
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +90,7 @@ def test_restore_onto_a_different_mesh_continues_the_same_run(trained, tmp_path)
   meshes = [{"mesh.data": 2, "mesh.fsdp": fsdp, "mesh.fsdp_min_size": 64, "eval_every": 0} for fsdp in (4, 2)]
   first = _tiny(get_config, **meshes[0])
   train.train_and_evaluate(first, moved, num_steps=6)
-  setup = train.Setup(first, moved)
+  setup = Setup(first, moved)
   assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(setup.state_sharding.params))
   train.train_and_evaluate(_tiny(get_config, **meshes[1]), moved)
   assert len(_metrics(moved)) == 12  # the training rows; the evaluation row of `trained` is not compared
@@ -134,7 +141,7 @@ def _diverging(get_config, **overrides):
 
 
 def _all_params_finite(directory, step, config):
-  setup = train.Setup(config, with_data=False)
+  setup = Setup(config, with_data=False)
   state, _ = checkpoint.Checkpointer(directory, read_only=True).restore(step, setup.abstract_state)
   return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(state))
 
@@ -142,7 +149,7 @@ def _all_params_finite(directory, step, config):
 @pytest.mark.slow
 def test_divergence_stops_with_an_error_and_writes_no_non_finite_checkpoint(digits_config, tmp_path):
   config = _diverging(digits_config)
-  with pytest.raises(train.NonFiniteError, match=r"became non-finite \(NaN/inf\) at step (\d+)") as info:
+  with pytest.raises(NonFiniteError, match=r"became non-finite \(NaN/inf\) at step (\d+)") as info:
     train.train_and_evaluate(config, str(tmp_path))
   bad = int(info.value.args[0].split(" at step ")[1].split(";")[0])
   ckpt_dir = str(tmp_path / "checkpoints")
@@ -166,7 +173,7 @@ def test_sampling_refuses_a_checkpoint_with_non_finite_params(trained, tmp_path)
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
   config = _tiny(get_config)
-  setup = train.Setup(config, str(copy))
+  setup = Setup(config, str(copy))
   ckpt = setup.checkpointer()
   state, data_state = ckpt.restore(12, setup.abstract_state)
   ckpt.save(13, state.replace(ema_params=jax.tree.map(lambda x: x * np.nan, state.ema_params)), data_state, config)
@@ -287,7 +294,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(trained, tmp
   assert os.listdir(broken / "checkpoints_corrupt") == ["12"]  # moved aside, not deleted
   assert sorted(os.listdir(broken / "checkpoints")) == ["12", "6"]  # step 12 trained and saved again
   assert checkpoint.Checkpointer(str(broken / "checkpoints"), read_only=True).restore(
-      12, train.Setup(_tiny(get_config), with_data=False).abstract_state)[0] is not None
+      12, Setup(_tiny(get_config), with_data=False).abstract_state)[0] is not None
 
 
 @pytest.mark.slow
@@ -308,8 +315,8 @@ def test_no_restorable_checkpoint_is_an_error_that_changes_nothing(trained, tmp_
 def test_init_from_starts_from_the_source_params(trained, tmp_path, copy_source):
   workdir, get_config = trained
   config = _tiny(get_config, init_from=workdir, total_steps=30, **{"perceptual.copy_source": copy_source})
-  setup = train.Setup(config, str(tmp_path / "finetune"))
-  state, restored = train.restore_or_init(setup, setup.checkpointer(), jax.random.key(123))
+  setup = Setup(config, str(tmp_path / "finetune"))
+  state, restored = resume.restore_or_init(setup, setup.checkpointer(), jax.random.key(123))
   assert restored is None and int(state.step) == 0
   src = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   source, _ = src.restore(12, setup.abstract_state)

@@ -1,5 +1,2 @@
-"""Input pipelines. `build(config)` returns the pipeline that `config.data.name` names."""
-
-from selfperc_jax.data.pipeline import Pipeline, build
-
-__all__ = ["Pipeline", "build"]
+"""The data sets: each one's facts (datasets.py), its random-access sources (digits, imagenet) and the encoded
+latents (latents.py). The training pipeline over them is selfperc_jax/input_pipeline.py."""

@@ -14,18 +14,18 @@ import sys
 
 import numpy as np
 
-from selfperc_jax.errors import UserError
-from selfperc_jax.evaluation import evaluate, metrics
+from selfperc_jax.errors import EvaluationError, UserError
+from selfperc_jax.evaluation import evaluate
 
 def compare(ref_path: str, samples_path: str, features: str = "digits", cache_dir: str | None = None,
             weights: str | None = None) -> dict:
   if features not in evaluate.FEATURES:
-    raise metrics.EvaluationError(f"--features={features!r} is not available; choose one of {evaluate.FEATURES}.")
+    raise EvaluationError(f"--features={features!r} is not available; choose one of {evaluate.FEATURES}.")
   # Both files are checked before the feature network is built (the digits classifier trains on first use).
   loaded_reference = evaluate.load_reference_file(ref_path)
   images, labels = evaluate.load_batch(samples_path, "samples")
   if labels is not None and features == "digits" and labels.max() >= 10:
-    raise metrics.EvaluationError(f"samples file {samples_path}: arr_1 holds label {labels.max()}, but the digits "
+    raise EvaluationError(f"samples file {samples_path}: arr_1 holds label {labels.max()}, but the digits "
                                   "have classes 0-9.")
   network = evaluate.make_feature_network(features, cache_dir=cache_dir, inception_weights=weights or "")
   reference = evaluate.features_of_reference(loaded_reference, network)

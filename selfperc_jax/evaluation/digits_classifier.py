@@ -176,9 +176,8 @@ def train_classifier(seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int 
                      learning_rate: float = DEFAULT_LEARNING_RATE) -> DigitsClassifier:
   """Trains the CNN on the digits 'train' split with Adam; deterministic given the arguments.
 
-  One jitted step, compiled once, driven by a Python loop over precomputed batch indices: a few seconds on a CPU.
-  (A `lax.scan` over the steps would look tidier, but on XLA:CPU it took ~200 s for the 600 steps that this loop
-  runs in ~5 s, measured on a 2-core machine.) Each batch gets a random +-1 pixel shift (edge padding): digits
+  One jitted step, compiled once, driven by a Python loop over precomputed batch indices: a few seconds on a CPU
+  (a `lax.scan` over the steps compiles and runs far slower on XLA:CPU). Each batch gets a random +-1 pixel shift (edge padding): digits
   drawn by a generator are rarely centred exactly like the training set, and the features should not call that a
   difference in kind.
   """

@@ -15,15 +15,16 @@ from etils import epath
 
 from selfperc_jax import fileio, generate, images, sharding
 from selfperc_jax.logging_utils import Progress
-from selfperc_jax.errors import ConfigError
+from selfperc_jax.errors import ConfigError, EvaluationError
 from selfperc_jax.evaluation import metrics
 
 FEATURES = ("digits", "inception")
 
 
 def setting_name(config) -> str:
-  """A key per sampling setting, so results of different settings never overwrite each other."""
-  return f"{generate.setting_name(config.sample)}_n{config.eval.num_samples}_seed{config.eval.seed}"
+  """A key per evaluation setting (the sampling setting, the sample count and seed), so results of different
+  settings never overwrite each other."""
+  return f"{generate.sampling_name(config.sample)}_n{config.eval.num_samples}_seed{config.eval.seed}"
 
 
 def make_feature_network(features: str, cache_dir: str | None = None, inception_weights: str = ""):
@@ -66,30 +67,30 @@ def reference_features(config, loaded: tuple | None, network) -> np.ndarray:
 def load_batch(path: str, what: str):
   """(uint8 NHWC images, int64 labels or None) of a guided-diffusion .npz, checked; one clear error otherwise."""
   if not fileio.exists(path):
-    raise metrics.EvaluationError(f"{what} file {path} does not exist.")
+    raise EvaluationError(f"{what} file {path} does not exist.")
   expected = "an .npz with arr_0 (uint8 images, NHWC) and optionally arr_1 (integer labels)"
   try:
     with fileio.load_npz(path) as f:
       keys = set(f.files)
       if "arr_0" not in keys:
-        raise metrics.EvaluationError(f"{what} file {path} has no 'arr_0' (uint8 NHWC images); it holds "
+        raise EvaluationError(f"{what} file {path} has no 'arr_0' (uint8 NHWC images); it holds "
                                       f"{sorted(keys)}.")
       images = f["arr_0"]
       labels = f["arr_1"] if "arr_1" in keys else None
-  except metrics.EvaluationError:
+  except EvaluationError:
     raise
   except Exception as e:  # empty, truncated, not a zip, object arrays (pickles are refused): numpy raises many types
-    raise metrics.EvaluationError(f"{what} file {path} is not readable as {expected} ({type(e).__name__}: "
+    raise EvaluationError(f"{what} file {path} is not readable as {expected} ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}).") from e
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
-    raise metrics.EvaluationError(f"{what} file {path}: arr_0 must be uint8 images (N, H, W, 1 or 3), N > 0; it is "
+    raise EvaluationError(f"{what} file {path}: arr_0 must be uint8 images (N, H, W, 1 or 3), N > 0; it is "
                                   f"{images.dtype} of shape {images.shape}.")
   if labels is not None:
     if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
-      raise metrics.EvaluationError(f"{what} file {path}: arr_1 must hold one integer label per image "
+      raise EvaluationError(f"{what} file {path}: arr_1 must hold one integer label per image "
                                     f"({len(images)}); it is {labels.dtype} of shape {labels.shape}.")
     if labels.size and labels.min() < 0:
-      raise metrics.EvaluationError(f"{what} file {path}: arr_1 holds negative labels (min {labels.min()}).")
+      raise EvaluationError(f"{what} file {path}: arr_1 holds negative labels (min {labels.min()}).")
     labels = labels.astype(np.int64)
   return images, labels
 
@@ -98,18 +99,18 @@ def load_reference_file(path: str) -> tuple[np.ndarray | None, np.ndarray | None
   """(stored features, None) of reference statistics (mu, sigma, features) or (None, uint8 images) of a reference
   batch (arr_0), checked; one clear error otherwise. Needs no feature network: a bad file fails before one is built."""
   if not fileio.exists(path):
-    raise metrics.EvaluationError(f"reference file {path} does not exist.")
+    raise EvaluationError(f"reference file {path} does not exist.")
   try:
     with fileio.load_npz(path) as f:
       keys = set(f.files)
   except Exception as e:  # empty, truncated, not a zip
-    raise metrics.EvaluationError(
+    raise EvaluationError(
         f"reference file {path} is not a readable .npz ({type(e).__name__}); give a reference batch (arr_0 "
         "images) or reference statistics (mu, sigma, features).") from e
   if {"mu", "sigma", "features"} <= keys:
     return metrics.load_reference(path).features, None
   if "arr_0" not in keys:
-    raise metrics.EvaluationError(f"reference file {path} holds neither 'arr_0' (images) nor mu/sigma/features; "
+    raise EvaluationError(f"reference file {path} holds neither 'arr_0' (images) nor mu/sigma/features; "
                                   f"it holds {sorted(keys)}.")
   return None, load_batch(path, "reference")[0]
 
@@ -208,7 +209,7 @@ class Evaluator:
     """The metrics (on process 0; None on the others), also added to eval/step_<STEP>.json."""
     cfg = self.config
     setting = setting_name(cfg)
-    labels = generate.class_labels(cfg.eval.num_samples, cfg.model.num_classes)
+    labels = generate.draw_labels(cfg, evaluation=True)
     lead = jax.process_index() == 0
     partial = fileio.join(self.eval_dir, "partial", f"step_{step}_{setting}_{cfg.eval.features}")
     done_chunks = _load_partial(partial, setting, cfg.eval.save_samples) if lead else []

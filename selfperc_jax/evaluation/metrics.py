@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from selfperc_jax import fileio
-from selfperc_jax.errors import EvaluationError  # noqa: F401  (raised here; metrics.EvaluationError for callers)
+from selfperc_jax.errors import EvaluationError
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -17,27 +17,13 @@ from typing import Any
 import numpy as np
 
 from selfperc_jax import space
-from selfperc_jax.data import digits, imagenet  # constants only: TFDS and scikit-learn are imported on use
+from selfperc_jax.data import digits, imagenet  # TFDS and scikit-learn are imported on use
 from selfperc_jax.errors import ConfigError
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSet:
-  channels: int
-  num_classes: int
-  splits: tuple[str, ...]
-
-
-DATASETS = {"digits": DataSet(1, digits.NUM_CLASSES, digits.SPLITS),
-            imagenet.NAME: DataSet(3, imagenet.NUM_CLASSES, imagenet.SPLITS)}
 
 
 @dataclasses.dataclass
 class Pipeline:
   iterator: Any  # a grain DatasetIterator of {'image': uint8 or float32 NHWC, 'label'} batches
-  image_shape: tuple[int, int, int]
-  num_classes: int
-  num_examples: int
 
   def __iter__(self):
     return self
@@ -133,7 +119,6 @@ def build(config, rows: tuple[int, int] | None = None) -> Pipeline:
   says for the mesh (default: the whole global batch, for one process)."""
   start, stop = (0, int(config.batch_size)) if rows is None else rows
   source = open_source(config)
-  num_classes = DATASETS[config.data.name].num_classes
   if len(source) < config.batch_size:
     raise ConfigError(f"batch_size={config.batch_size} is larger than the {len(source)} examples of data set "
                       f"{config.data.name!r} ({config.data.split}); lower batch_size.")
@@ -156,4 +141,4 @@ def build(config, rows: tuple[int, int] | None = None) -> Pipeline:
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.data.num_workers)),
                         worker_init_fn=_ignore_sigterm)
-  return Pipeline(iter(ds), space.model_shape(config), num_classes, len(source))
+  return Pipeline(iter(ds))

@@ -1,0 +1,220 @@
+"""Resuming: the state from the workdir's newest intact checkpoint, or a fresh one (optionally from init_from), and
+every rule of what may resume: the model's shape (SHAPE_KEYS), what the train state holds
+(STATE_LAYOUT_KEYS), corrupt checkpoints moved aside, changed config values recorded in config_history.jsonl."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import ml_collections
+
+from selfperc_jax import checkpoint, config_tree, fileio, sharding, step as step_lib
+from selfperc_jax.errors import CheckpointError, CorruptCheckpointError
+from selfperc_jax.setup import Setup
+
+
+# Config sections that fix the shapes of the state; a checkpoint only resumes under the same values.
+SHAPE_KEYS = ("model", "data.image_size", "data.name", "latent.vae", "latent.channels", "latent.block_out_channels")
+# Keys inside those sections that change how the model computes, not what it holds.
+NON_SHAPE_KEYS = ("model.dtype", "model.remat", "model.dropout", "model.attention")
+# Keys added after checkpoints were already written: a saved config without them had these values.
+ADDED_KEY_DEFAULTS = {"model.head_channels": 0, "model.attention": "auto", "optimizer.accumulate_steps": 1,
+                      "latent.vae": "", "latent.channels": 0, "latent.block_out_channels": ()}
+
+
+def open_latest(directory: str, trust_unverified: bool = False) -> tuple[checkpoint.Checkpointer | None, int | None]:
+  """A read-only Checkpointer of a checkpoints folder and its latest step: (None, None) where the folder does not
+  exist, (checkpointer, None) where it holds no checkpoint."""
+  if not fileio.isdir(directory):
+    return None, None
+  ckpt = checkpoint.Checkpointer(directory, read_only=True, trust_unverified=trust_unverified)
+  return ckpt, ckpt.latest_step()
+
+
+def latest_step(workdir: str) -> int | None:
+  """The step of the workdir's latest checkpoint (None: none saved yet)."""
+  ckpt, latest = open_latest(fileio.join(workdir, "checkpoints"))
+  if ckpt is not None:
+    ckpt.close()
+  return latest
+
+
+def check_compatible(ckpt: checkpoint.Checkpointer, step: int, config, what: str) -> None:
+  """Refuses a checkpoint trained with another model shape (SHAPE_KEYS), naming the differing keys."""
+  diffs = shape_differences(ckpt.restore_config(step), config)
+  if diffs:
+    raise CheckpointError(
+        f"{what} {ckpt.directory} (step {step}) was trained with a different model shape:\n  " + "\n  ".join(diffs)
+        + "\nUse the same model config, or a new --workdir for a new model. Nothing was changed.")
+
+
+def _open_init_source(setup: Setup) -> tuple[checkpoint.Checkpointer, int]:
+  """The checkpoint that init_from names, checked before anything is built from it."""
+  source = setup.config.init_from
+  src, latest = open_latest(checkpoint.checkpoint_dir(source), setup.config.trust_unverified_checkpoints)
+  if src is None:
+    raise CheckpointError(f"init_from={source!r} does not exist; give a workdir (or its checkpoints/ folder) of an "
+                          "earlier run.")
+  if latest is None:
+    raise CheckpointError(f"init_from={source!r} holds no checkpoint; give the workdir of a run that saved one.")
+  check_compatible(src, latest, setup.config, "init_from=")
+  return src, latest
+
+
+def _init_from(setup: Setup, state, src: checkpoint.Checkpointer, step: int):
+  """Online params and the sampling EMA from another run's checkpoint; the copy from its perceptual.copy_source."""
+  target = {"params": setup.abstract_state.params, "ema_params": setup.abstract_state.ema_params}
+  restored, _ = src.restore(step, target, partial=True)
+  src.close()
+  copy = None
+  if state.perceptual_params is not None:
+    source = restored["ema_params" if setup.config.perceptual.copy_source == "ema" else "params"]
+    copy = jax.tree.map(lambda x: x.copy(), source)  # its own buffers: the step donates every array of the state
+  print(f"initialised from {src.directory} (step {step})"
+        + (f"; the perceptual copy from its {setup.config.perceptual.copy_source} params" if copy is not None else ""),
+        flush=True)
+  return state.replace(params=restored["params"], ema_params=restored["ema_params"], perceptual_params=copy)
+
+
+def _flatten(prefix: str, value) -> dict:
+  if isinstance(value, dict):
+    out = {}
+    for k, v in value.items():
+      out.update(_flatten(f"{prefix}.{k}", v))
+    return out
+  return {prefix: value}
+
+
+def shape_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """'key: saved -> current' for every shape-determining config value that differs."""
+  current = json.loads(config.to_json())
+  diffs = []
+  for key in SHAPE_KEYS:
+    old, new = _flatten(key, config_tree.lookup(saved, key)), _flatten(key, config_tree.lookup(current, key))
+    for k in sorted((set(old) | set(new)) - set(NON_SHAPE_KEYS)):
+      a, b = (ADDED_KEY_DEFAULTS.get(k) if d.get(k) is None else d[k] for d in (old, new))
+      if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+        diffs.append(f"{k}: {a!r} in the checkpoint, {b!r} now")
+  return diffs
+
+
+def changed_values(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{dotted key: (value in the checkpoint, value now)} for every config value that differs (lists and tuples
+  compare equal; keys a checkpoint predates count with their defaults)."""
+  old = _flatten("", saved)
+  new = _flatten("", json.loads(config.to_json()))
+  norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+  out = {}
+  for k in sorted(set(old) | set(new)):
+    key = k[1:]
+    a, b = old.get(k, ADDED_KEY_DEFAULTS.get(key)), new.get(k, ADDED_KEY_DEFAULTS.get(key))
+    if norm(a) != norm(b):
+      out[key] = (a, b)
+  return out
+
+
+# Config values that decide what the train state holds besides the model (the model's own are SHAPE_KEYS).
+STATE_LAYOUT_KEYS = ("perceptual.weight", "perceptual.share_with_sampling_ema", "optimizer.grad_clip")
+
+
+def check_resume_config(setup: Setup, saved: dict, step: int) -> dict:
+  """Refuses a config whose train state holds other arrays than the checkpoint's (naming the keys and why); returns
+  the other changed values, which the resumed run takes over."""
+  changed = changed_values(saved, setup.config)
+  if not changed:
+    return {}
+  then = ml_collections.ConfigDict(setup.config.to_dict())  # the config as the checkpoint was trained with it
+  # (keys a checkpoint predates, or since removed, keep today's values)
+  config_tree.set_values(then, {key: tuple(old) if isinstance(now, (list, tuple)) else old
+                                for key, (old, now) in changed.items() if old is not None and now is not None})
+  tx_then, _ = step_lib.make_optimizer(then)
+  layout_then = jax.eval_shape(
+      lambda k: step_lib.init_state(then, setup.model, tx_then, k, setup.model_shape), jax.random.key(0))
+  if jax.tree.structure(layout_then) != jax.tree.structure(setup.abstract_state):
+    keys = [k for k in STATE_LAYOUT_KEYS if k in changed] or list(changed)
+    values = ", ".join(f"{k}={changed[k][0]!r} (now {changed[k][1]!r})" for k in keys)
+    raise CheckpointError(
+        f"the workdir's checkpoint (step {step}) was trained with {values}, and this changes what the train state "
+        "holds (the perceptual copy, or the optimizer's state), so it cannot resume. Resume with the checkpoint's "
+        "value(s), or start a new --workdir with --config.init_from=<this workdir> to begin from its params. "
+        "Nothing was changed; the checkpoints are fine.")
+  return changed
+
+
+def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer, init_key):
+  """(state, restored_step or None); on resume the data iterator continues where it stopped.
+
+  A corrupt or unreadable latest checkpoint is passed over, with a warning, for the newest one that restores intact;
+  the passed-over step folders are moved to checkpoints_corrupt/ (never deleted), so later saves cannot collide with
+  them. If none restores, nothing is moved and the error says so."""
+  steps = ckpt.all_steps()
+  if steps:
+    corrupt = []
+    for latest in reversed(steps):
+      try:
+        state, data_state, changed = _restore(setup, ckpt, latest)
+        break
+      except CorruptCheckpointError as e:
+        corrupt.append((latest, e))
+    else:
+      raise CheckpointError(f"no checkpoint in {ckpt.directory} can be restored; the newest: {corrupt[0][1]} "
+                            "Nothing was changed.")
+    if corrupt:
+      for step, error in corrupt:
+        print(f"warning: {error}", flush=True)
+      _move_aside(setup, ckpt, [step for step, _ in corrupt])
+      print(f"resuming from step {latest}, the newest intact checkpoint", flush=True)
+    if changed:
+      listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+      print(f"resuming step {latest} with {len(changed)} changed config value(s): {listed}", flush=True)
+      if jax.process_index() == 0:
+        _record_config_change(setup.workdir, latest, changed)
+    if setup.pipeline is not None and data_state is not None:
+      setup.pipeline.set_state(data_state)
+    if setup.config.init_from:
+      print(f"resuming from step {latest} of {ckpt.directory}; init_from is ignored", flush=True)
+    return state, latest
+  source = _open_init_source(setup) if setup.config.init_from else None
+  state = setup.init_state(init_key)
+  if source is not None:
+    state = _init_from(setup, state, *source)
+  return state, None
+
+
+def _record_config_change(workdir: str, step: int, changed: dict) -> None:
+  """Appends the change to workdir/config_history.jsonl, unless its last row already says the same."""
+  path = fileio.join(workdir, "config_history.jsonl")
+  row = {"step": step, "changed": {k: {"checkpoint": a, "now": b} for k, (a, b) in changed.items()}}
+  if fileio.exists(path):
+    lines = fileio.read_text(path).splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    if {k: last.get(k) for k in row} == row:
+      return
+  fileio.append_text(path, json.dumps({**row, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+
+def _restore(setup: Setup, ckpt: checkpoint.Checkpointer, step: int):
+  """(state, data state, changed config values) of one step, after the config checks."""
+  check_compatible(ckpt, step, setup.config, "the workdir's checkpoint")
+  changed = check_resume_config(setup, ckpt.restore_config(step), step)
+  state, data_state = ckpt.restore(step, setup.abstract_state)
+  return state, data_state, changed
+
+
+def _move_aside(setup: Setup, ckpt: checkpoint.Checkpointer, steps) -> None:
+  """Moves corrupt step folders to workdir/checkpoints_corrupt/<step> (process 0), then every process re-reads."""
+  if jax.process_index() == 0:
+    from etils import epath
+
+    aside = epath.Path(fileio.join(setup.workdir, "checkpoints_corrupt"))
+    aside.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      target = aside / f"{step}"
+      if target.exists():
+        target = aside / f"{step}_{time.strftime('%Y%m%dT%H%M%S')}"
+      epath.Path(fileio.join(ckpt.directory, str(step))).rename(target)
+      print(f"moved the corrupt checkpoint step {step} to {target}", flush=True)
+  sharding.barrier()  # every process waits for the move
+  ckpt.manager.reload()
