@@ -156,3 +156,25 @@ def write_random_vae(path, vae_config, seed: int = 0):
   from benchmarks import fake_vae
 
   return fake_vae.write_random_vae(path, vae_config, seed)
+
+
+def seeded_weights(shapes: dict, seed: int) -> dict:
+  """The parity fixtures' weight rule (third_party/*/parity/make_fixture.py, written again here): one PCG64 stream over
+  the sorted keys; conv / linear weights N(0, 1) / sqrt(fan_in), other weights (GroupNorm, LayerNorm) 1 + 0.1 N(0, 1),
+  biases 0.1 N(0, 1). Returned in the order of `shapes` (diffusers' order)."""
+  import math
+
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  out = {}
+  for key in sorted(shapes):
+    shape = shapes[key]
+    if key.endswith(".weight") and len(shape) >= 2:
+      value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
+    elif key.endswith(".weight"):
+      value = 1.0 + 0.1 * rng.standard_normal(shape)
+    else:
+      value = 0.1 * rng.standard_normal(shape)
+    out[key] = value.astype(np.float32)
+  return {k: out[k] for k in shapes}

@@ -28,6 +28,8 @@ if str(REPO) not in sys.path:  # third_party/ is not an installed package; `pyth
 from selfperc_jax.errors import UserError  # noqa: E402
 from third_party.sd_vae import convert, model  # noqa: E402
 
+from conftest import seeded_weights  # noqa: E402
+
 PARITY = REPO / "third_party" / "sd_vae" / "parity"
 # float32 parity with PyTorch's float32: measured max abs difference 4.6e-6 (outputs of magnitude ~2; PyTorch's own
 # float32 result is 3.2e-6 from its float64 one). A GroupNorm eps of 1e-5 instead of 1e-6 moves the quiet inputs'
@@ -61,23 +63,12 @@ def sd_layout():
 
 
 def _reference_weights(shapes, seed, latent_channels):
-  """The fixture's weight rule (parity/make_fixture.py, reference_weights), written again here: one PCG64 stream over
-  the sorted keys; conv / linear weights N(0, 1) / sqrt(fan_in), GroupNorm weights 1 + 0.1 N(0, 1), biases
-  0.1 N(0, 1); then two log-variance biases of quant_conv pushed past the clipping (+40 and -45)."""
-  rng = np.random.default_rng(seed)
-  out = {}
-  for key in sorted(shapes):
-    shape = shapes[key]
-    if key.endswith(".weight") and len(shape) >= 2:
-      value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
-    elif key.endswith(".weight"):
-      value = 1.0 + 0.1 * rng.standard_normal(shape)
-    else:
-      value = 0.1 * rng.standard_normal(shape)
-    out[key] = value.astype(np.float32)
+  """The fixture's weights (conftest.seeded_weights), with two log-variance biases of quant_conv pushed past the
+  clipping (+40 and -45)."""
+  out = seeded_weights(shapes, seed)
   out["quant_conv.bias"][latent_channels + 1] += np.float32(40.0)
   out["quant_conv.bias"][latent_channels + 2] += np.float32(-45.0)
-  return {k: out[k] for k in shapes}  # diffusers' order
+  return out
 
 
 @pytest.fixture(scope="module")
