@@ -12,8 +12,10 @@
 # $HOME/tensorflow_datasets), CONFIG (default configs/imagenet256.py:gpu), VENV (default .venv).
 # Five minutes before the time limit SLURM signals this script (--signal=B:USR1@300); it sends SIGTERM to the
 # training processes (scancel --signal), which checkpoint at the step they reached and exit with code 75 ("stopped,
-# resume me"), and then requeues the job, which resumes from WORKDIR. A run that finishes (0) or fails (any other
-# code) is not requeued; the script exits with the training's exit code.
+# resume me"), and then requeues the job, which resumes from WORKDIR. srun reports 75, or 128 + a signal for the
+# tasks that --kill-on-bad-exit stops once the first one has exited (or that the time limit kills mid-save): those
+# are requeued too (the run resumes from its newest complete checkpoint). A run that finished (0) or failed (1, or 2:
+# an error line) is not requeued; the script exits with the training's exit code.
 #
 #SBATCH --job-name=selfperc
 #SBATCH --nodes=1
@@ -43,11 +45,11 @@ on_time_limit() {
   scancel --signal=TERM "$SLURM_JOB_ID.0"  # every task of the training step (step 0) gets SIGTERM
   local rc=0
   wait "$SRUN_PID" || rc=$?
-  if [[ $rc == 75 ]]; then
-    echo "$(date) stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
+  if [[ $rc == 0 || $rc == 1 || $rc == 2 ]]; then
+    echo "$(date) training exited with code $rc (0: finished; 1, 2: failed): not requeued"
   else
-    echo "$(date) training exited with code $rc: not requeued"
+    echo "$(date) stopped (exit code $rc): requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
   fi
   exit "$rc"
 }

@@ -48,7 +48,9 @@ class Checkpointer:
     self._pending = None  # the step of the save in flight, until check() has seen it complete
     self._log = None if read_only else save_errors.OrbaxErrorLog()
     latest = self.manager.latest_step()
-    self._last_size = 0 if latest is None or read_only else _disk_usage(fileio.join(self.directory, str(latest)))
+    self._last_size = 0  # bytes of the newest checkpoint on a local disk (process 0, which checks the space)
+    if latest is not None and not read_only and jax.process_index() == 0:
+      self._last_size = _disk_usage(fileio.join(self.directory, str(latest)))
 
   def _remove_incomplete(self) -> None:
     """Removes the folders of saves that a killed or failed run left incomplete (never restorable; on a full disk
@@ -67,8 +69,9 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict) -> None:
     self.check(wait=True)  # the previous save's failure is reported as its own, not as this one's
-    self._check_writable(step)
-    self._check_space(step, state)
+    self._check_before_save(step, state)
+    if self._log is not None:
+      self._log.active = True  # until check() has seen this save complete
     try:
       self.manager.save(
           step,
@@ -99,8 +102,10 @@ class Checkpointer:
     final = fileio.join(self.directory, str(step))
     if not fileio.isdir(final):  # orbax logged the failure of an item and skipped the step's finalisation
       raise self._failed(step, None)
-    if not fileio.is_remote(final):
+    if not fileio.is_remote(final) and jax.process_index() == 0:
       self._last_size = _disk_usage(final)
+    if self._log is not None:
+      self._log.active, self._log.first = False, None
 
   def _failed(self, step: int, error: Exception | None) -> CheckpointError:
     cause = save_errors.cause(error) if error is not None else (self._log.first if self._log and self._log.first else
@@ -119,12 +124,28 @@ class Checkpointer:
       steps = []
     return f"step {max(steps)}" if steps else "none"
 
+  def _check_before_save(self, step: int, state) -> None:
+    """Process 0 looks (a write probe, the free space) and every process gets its answer, so that all of them
+    either start the save, which is collective, or stop."""
+    problem = None
+    if jax.process_index() == 0:
+      try:
+        self._check_writable(step)
+        self._check_space(step, state)
+      except CheckpointError as e:
+        problem = e
+    from selfperc_jax import sharding
+
+    if not sharding.process_0_says(problem is None):
+      raise problem or CheckpointError(f"process 0 refused to save checkpoint step {step} to {self.directory} (its "
+                                       "output says why). The run stopped.")
+
   def _check_writable(self, step: int) -> None:
     """A local folder that cannot be written (made read-only or immutable, permissions) fails here, at once: in
     orbax's background threads it would fail only after a long wait for the step folder's creation."""
     if fileio.is_remote(self.directory):
       return
-    probe = os.path.join(self.directory, f".write_probe_{os.getpid()}")
+    probe = fileio.partial_name(os.path.join(self.directory, ".write_probe"))  # (unique to this host and process)
     try:
       with open(probe, "w"):
         pass
@@ -163,7 +184,14 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, *, partial: bool = False) -> tuple[Any, dict | None]:
     """(state, data-iterator state); abstract_state holds ShapeDtypeStructs with the target shardings. The arrays
-    are checked against the checksums saved with them; a checkpoint without them is corrupt unless trusted."""
+    are checked against the checksums saved with them; a checkpoint without them is corrupt unless trusted (and
+    refused before its arrays are read)."""
+    saved = self._saved_fingerprint(step)
+    if saved is None and not self.trust_unverified:
+      raise CorruptCheckpointError(
+          f"checkpoint step {step} in {self.directory} has no checksums (its fingerprint/ folder is missing), so "
+          "its arrays cannot be verified and it is treated as corrupt. If you know it is intact, put it back in "
+          "checkpoints/ and set --config.trust_unverified_checkpoints=True.")
     items = {"state": ocp.args.PyTreeRestore(
         abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
         partial_restore=partial)}
@@ -177,12 +205,6 @@ class Checkpointer:
           f"{str(e).splitlines()[0][:300] if str(e) else ''}). If it is incomplete or corrupt, move that step's "
           "folder aside to resume from an earlier one; if it was written by a different model config, use a new "
           "--workdir.") from e
-    saved = self._saved_fingerprint(step)
-    if saved is None and not self.trust_unverified:
-      raise CorruptCheckpointError(
-          f"checkpoint step {step} in {self.directory} has no checksums (its fingerprint/ folder is missing), so "
-          "its arrays cannot be verified and it is treated as corrupt. If you know it is intact, put it back in "
-          "checkpoints/ and set --config.trust_unverified_checkpoints=True.")
     if saved is not None:
       now = fingerprint(restored["state"])
       bad = sorted(k for k in now if k in saved and saved[k] != now[k])
@@ -206,18 +228,22 @@ class Checkpointer:
 
   def close(self, report: bool = True) -> None:
     """Waits for the save in flight; report=False (the run is already stopping with an error) leaves its failure
-    unsaid rather than as a second error."""
-    try:
-      if report:
-        self.check(wait=True)
-    finally:
+    unsaid rather than as a second error. The first failure is the one raised."""
+    error = None
+    if report:
       try:
-        self.manager.close()
-      except Exception as e:
-        if report:
-          raise CheckpointError(f"closing the checkpoints in {self.directory} failed: {save_errors.cause(e)}.") from None
-      if self._log is not None:
-        self._log.close()
+        self.check(wait=True)
+      except CheckpointError as e:
+        error = e
+    try:
+      self.manager.close()
+    except Exception as e:
+      if report and error is None:
+        error = CheckpointError(f"closing the checkpoints in {self.directory} failed: {save_errors.cause(e)}.")
+    if self._log is not None:
+      self._log.close()
+    if error is not None:
+      raise error
 
 
 def _size(n: float) -> str:

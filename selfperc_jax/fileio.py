@@ -11,6 +11,7 @@ import io
 import os
 import re
 import socket
+import time
 import uuid
 
 from etils import epath
@@ -94,8 +95,15 @@ def partial_name(path) -> epath.Path:
   return path.with_name(f"{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def process_alive(pid: int) -> bool:
-  """Whether process `pid` of this host exists."""
+_STARTED = time.time()  # (about) when this process started
+
+
+def process_alive(pid: int, since: float | None = None) -> bool:
+  """Whether process `pid` of this host exists, and, where `since` (a time) is given, was that process then: a pid
+  equal to this process's own, seen before this process started, was an earlier process's (e.g. a container
+  restarted in place, whose processes get the same small pids again)."""
+  if since is not None and pid == os.getpid() and since < _STARTED:
+    return False
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -114,7 +122,7 @@ def remove_partial_files(directory) -> list[str]:
   removed = []
   for child in directory.iterdir():
     m = _PARTIAL.search(child.name)
-    if m and m["host"] == _HOST and not process_alive(int(m["pid"])):
+    if m and m["host"] == _HOST and not process_alive(int(m["pid"]), since=child.stat().mtime):
       child.unlink(missing_ok=True)
       removed.append(child.name)
   return sorted(removed)

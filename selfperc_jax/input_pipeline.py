@@ -86,10 +86,12 @@ class _Read:
     return example
 
 
-def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
-  """Data workers outlive a SIGTERM sent to the whole process group, so the trainer can read on to its checkpoint."""
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+  """Data workers outlive a SIGTERM or Ctrl-C sent to the whole process group, so the trainer can read on to its
+  checkpoint."""
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def to_float(batch):
@@ -140,5 +142,5 @@ def build(config, rows: tuple[int, int] | None = None) -> Pipeline:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside main (a notebook, tests) use defaults
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.data.num_workers)),
-                        worker_init_fn=_ignore_sigterm)
+                        worker_init_fn=_ignore_stop_signals)
   return Pipeline(iter(ds))

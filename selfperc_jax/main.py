@@ -1,4 +1,4 @@
-"""Entry point: python -m selfperc_jax.main --config=configs/digits.py --workdir=DIR [--mode=train|sample]."""
+"""Entry point: python -m selfperc_jax.main --config=configs/digits.py --workdir=DIR [--mode=train|sample|eval]."""
 
 from __future__ import annotations
 

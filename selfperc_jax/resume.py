@@ -21,7 +21,8 @@ SHAPE_KEYS = ("model", "data.image_size", "data.name", "latent.vae", "latent.cha
 NON_SHAPE_KEYS = ("model.dtype", "model.remat", "model.dropout", "model.attention")
 # Keys added after checkpoints were already written: a saved config without them had these values.
 ADDED_KEY_DEFAULTS = {"model.head_channels": 0, "model.attention": "auto", "optimizer.accumulate_steps": 1,
-                      "latent.vae": "", "latent.channels": 0, "latent.block_out_channels": ()}
+                      "latent.vae": "", "latent.channels": 0, "latent.block_out_channels": (),
+                      "trust_unverified_checkpoints": False}
 
 
 def open_latest(directory: str, trust_unverified: bool = False) -> tuple[checkpoint.Checkpointer | None, int | None]:

@@ -36,19 +36,21 @@ class OrbaxErrorLog(logging.Filter):
 
   def __init__(self):
     super().__init__()
-    self.first = None  # the cause in the first such record
+    self.first = None  # the cause in the first such record of the save in flight
     self.path = None  # the file the records were written to (made on the first one)
+    self.active = False  # a save is in flight (or failed): only then are the records kept off the console
     self._handlers = list(logging.getLogger().handlers)
     for handler in self._handlers:
       handler.addFilter(self)
     # Tensorstore's callbacks into orbax's event loop, closed after a failed write, print "Event loop is closed"
     # tracebacks from C++ (one per pending write, until the process ends): they go to the same file.
     self._stderr = sys.stderr
-    sys.stderr = ClosedLoopTracebacks(sys.stderr, self)
+    if not isinstance(sys.stderr, ClosedLoopTracebacks):  # (one wrapper, however many Checkpointers are open)
+      sys.stderr = ClosedLoopTracebacks(sys.stderr, self)
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR or not ("orbax" in record.pathname or
-                                              record.name in ("asyncio", "concurrent.futures")):
+    if not self.active or record.levelno < logging.ERROR or not (
+        "orbax" in record.pathname or record.name in ("asyncio", "concurrent.futures")):
       return True
     text = record.getMessage()
     if record.exc_info and record.exc_info[1] is not None:

@@ -77,7 +77,7 @@ class Setup:
   def init_state(self, key):
     return sharding.jit_init(self.init_fn, self.state_sharding)(key)
 
-  def checkpointer(self, read_only: bool = False) -> checkpoint.Checkpointer:
+  def checkpointer(self) -> checkpoint.Checkpointer:
+    """The workdir's checkpoints, for writing."""
     return checkpoint.Checkpointer(fileio.join(self.workdir, "checkpoints"), self.config.keep_checkpoints,
-                                   read_only=read_only,
                                    trust_unverified=self.config.trust_unverified_checkpoints)

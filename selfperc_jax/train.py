@@ -37,10 +37,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, num_step
 
 
 def _train(setup: Setup, num_steps: int | None) -> dict | None:
-  config = setup.config
-  base_key = jax.random.key(config.seed)
-  init_key, step_key = jax.random.split(base_key)
   ckpt = setup.checkpointer()
+  try:
+    last, stopped = _loop(setup, ckpt, num_steps)
+  except BaseException:
+    ckpt.close(report=False)  # a run already stopping with an error does not add a second one
+    raise
+  ckpt.close()  # the last save complete, or its failure reported
+  if stopped:
+    raise Stopped(stopped)
+  return last
+
+
+def _loop(setup: Setup, ckpt, num_steps: int | None) -> tuple[dict | None, str | None]:
+  """(the last logged metrics, why the run stopped early or None)."""
+  config = setup.config
+  init_key, step_key = jax.random.split(jax.random.key(config.seed))
   if jax.process_index() == 0:
     remove_partial_outputs(setup.workdir)
   state, restored = restore_or_init(setup, ckpt, init_key)
@@ -49,33 +61,37 @@ def _train(setup: Setup, num_steps: int | None) -> dict | None:
   lacking = outputs.missing(start) if restored is not None else []
   if start >= config.total_steps and not lacking:
     print(f"the checkpoint is at step {start} >= total_steps={config.total_steps}: nothing to train", flush=True)
-    ckpt.close()
-    return None
+    return None, None
   logger = outputs.logger = MetricLogger(setup.workdir, config.total_steps, config.batch_size,
                                          enabled=jax.process_index() == 0,
                                          peak_flops=flops.peak_flops(setup.mesh.devices.flat[0]))
-  dropped = logger.drop_rows_after(start)
-  if dropped:
-    print(f"metrics.jsonl: dropped {dropped} row(s) past step {start}, logged before the run was stopped; those "
-          "steps are trained and logged again", flush=True)
-  if lacking:
-    print(f"step {start}'s {' and '.join(lacking)} are missing from the workdir: writing them first", flush=True)
-    outputs.write(state.ema_params, start, lacking)
-  if start >= config.total_steps:
-    ckpt.close()
+  try:
+    dropped = logger.drop_rows_after(start)
+    if dropped:
+      print(f"metrics.jsonl: dropped {dropped} row(s) past step {start}, logged before the run was stopped; those "
+            "steps are trained and logged again", flush=True)
+    if lacking:
+      print(f"step {start}'s {' and '.join(lacking)} are missing from the workdir: writing them first", flush=True)
+      outputs.write(state.ema_params, start, lacking)
+    if start >= config.total_steps:
+      return None, None
+    return _steps(setup, ckpt, state, start, step_key, outputs, logger, num_steps)
+  finally:
     logger.close()
-    return None
 
+
+def _steps(setup: Setup, ckpt, state, start: int, step_key, outputs: PeriodicOutputs, logger: MetricLogger,
+           num_steps: int | None) -> tuple[dict | None, str | None]:
+  config = setup.config
   print(f"training {config.total_steps - start} steps from step {start} in {setup.workdir} on "
         f"{setup.mesh.size} device(s)", flush=True)
-  last = preempted = None
+  last = stopped = None
   t0 = time.perf_counter()
   logger.start(start)
   stop = config.total_steps if num_steps is None else min(config.total_steps, start + num_steps)
-  preemption = PreemptionWatcher()
+  watcher = PreemptionWatcher()
   guard = NonFiniteGuard(config.on_nonfinite)
   profiler = Profiler(config.profile, setup.workdir)
-  failed = True
   try:
     for step in range(start, stop):
       profiler.before(step)
@@ -84,16 +100,18 @@ def _train(setup: Setup, num_steps: int | None) -> dict | None:
       done = step + 1
       guard.update(metrics, done)
       ckpt.check()  # a failed asynchronous save stops the run now, not at the next save
-      preempted = preemption.should_stop(done)
-      if preempted:
+      reason = watcher.should_stop(done)
+      if reason:
         stop = done  # checkpoint below, then leave; the next start resumes here (and writes this step's outputs)
-        print(f"{preempted}: saving a checkpoint at step {done} and stopping", flush=True)
+        stopped = f"{reason} at step {done} of {config.total_steps}, with a checkpoint there; run the same command " \
+                  "again to continue"
+        print(f"{reason}: saving a checkpoint at step {done} and stopping", flush=True)
       if step == start:
         jax.block_until_ready(metrics)
         print(f"first step (with compilation) took {time.perf_counter() - t0:.1f}s", flush=True)
       log = is_due(done, config.log_every, config.total_steps)
       save = is_due(done, config.checkpoint_every, config.total_steps, stop=stop)  # also where this call stops
-      due = [] if preempted else outputs.due(done)
+      due = [] if reason else outputs.due(done)
       if log or save or due:
         guard.check(ckpt)  # before anything of this step is logged, saved or sampled
       profiler.after(done, metrics)
@@ -106,13 +124,7 @@ def _train(setup: Setup, num_steps: int | None) -> dict | None:
       outputs.write(state.ema_params, done, due)
       if done == stop:
         break
-    failed = False
   finally:
     profiler.close()
-    preemption.close()
-    ckpt.close(report=not failed)  # a run already stopping with an error does not add a second one
-    logger.close()
-  if preempted:
-    raise Stopped(f"{preempted} at step {stop} of {config.total_steps}, with a checkpoint there; run the same command "
-                  "again to continue")
-  return last
+    watcher.close()
+  return last, stopped

@@ -55,7 +55,8 @@ class WorkdirLock:
     if not holder or "pid" not in holder:
       return True
     if holder.get("host") == self.me["host"]:
-      return holder.get("boot") != self.me["boot"] or not fileio.process_alive(int(holder["pid"]))
+      return holder.get("boot") != self.me["boot"] or not fileio.process_alive(int(holder["pid"]),
+                                                                                since=float(holder.get("started", 0)))
     return time.time() - float(holder.get("refreshed", 0)) > self.stale_after
 
   def acquire(self) -> None:
@@ -142,6 +143,8 @@ def lock_workdir(workdir: str) -> WorkdirLock:
       lock.acquire()
     except WorkdirLockedError as e:
       error = str(e)
+    except OSError as e:  # the workdir cannot be written (read-only, permissions): every process stops alike
+      error = f"{workdir} cannot be written ({e.strerror or e}); give a workdir you can write."
   if sharding.process_0_says(bool(error)):
     raise WorkdirLockedError(error or f"{workdir} is in use by another run (process 0 has the details).")
   return lock

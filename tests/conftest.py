@@ -178,3 +178,25 @@ def seeded_weights(shapes: dict, seed: int) -> dict:
       value = 0.1 * rng.standard_normal(shape)
     out[key] = value.astype(np.float32)
   return {k: out[k] for k in shapes}
+
+
+def parity_fixture(folder) -> dict:
+  """The arrays of a port's parity fixture (third_party/<port>/parity/fixture.npz)."""
+  import numpy as np
+
+  with np.load(pathlib.Path(folder) / "fixture.npz") as data:
+    return {k: data[k] for k in data.files}
+
+
+def parity_weights(fixture: dict, name: str) -> tuple[dict, dict]:
+  """(shapes, weights) of the fixture's network `name`: its state-dict layout and the seeded weights, checked to be
+  the ones the reference implementation had, bit for bit (their stored sums)."""
+  import json
+
+  import numpy as np
+
+  shapes = {k: tuple(v) for k, v in json.loads(str(fixture[f"{name}/layout_json"])).items()}
+  weights = seeded_weights(shapes, int(fixture[f"{name}/seed"]))
+  sums = np.array([weights[k].astype(np.float64).sum() for k in sorted(weights)])
+  np.testing.assert_array_equal(sums, fixture[f"{name}/weight_sums"])
+  return shapes, weights

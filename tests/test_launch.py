@@ -144,11 +144,12 @@ def test_notebook_is_valid_and_refers_only_to_what_exists():
     assert _config_key_exists(config, key), f"configs/digits.py has no key {key}"
 
 
-@pytest.mark.parametrize("training_exit,requeued", [(75, True), (0, False), (1, False)],
-                         ids=["stopped-with-checkpoint", "finished", "failed"])
+@pytest.mark.parametrize("training_exit,requeued", [(75, True), (143, True), (0, False), (1, False), (2, False)],
+                         ids=["stopped-with-checkpoint", "killed-by-srun", "finished", "failed", "error-line"])
 def test_gpu_script_requeues_only_a_run_that_stopped_to_be_resumed(tmp_path, training_exit, requeued):
-  """Near the time limit (USR1) the script sends SIGTERM to the training step; it requeues the job only when the
-  training exits with 75 (stopped with a checkpoint), and exits with the training's own code."""
+  """Near the time limit (USR1) the script sends SIGTERM to the training step; it requeues the job when the training
+  stopped to be resumed (75, or killed by a signal on the way out) and not when it finished (0) or failed (1, 2),
+  and exits with the training's own code."""
   import signal
   import time
 

@@ -236,6 +236,9 @@ def test_a_killed_sample_write_leaves_a_partial_file_that_the_next_run_removes(t
   assert len(partial) == 1 and partial[0].startswith("step_10.npz.tmp-")
   mine = fileio.partial_name(samples / "step_20.npz")  # a write in progress of a live process: kept
   mine.write_bytes(b"...")
+  earlier = fileio.partial_name(samples / "step_30.npz")  # this pid, but written before this process started
+  earlier.write_bytes(b"...")
+  os.utime(earlier, (time.time() - 3600, time.time() - 3600))
   periodic.remove_partial_outputs(str(tmp_path))
   assert sorted(p.name for p in samples.iterdir()) == [mine.name]
   assert f"removed {samples / partial[0]}: a file whose writing was stopped midway" in capsys.readouterr().out

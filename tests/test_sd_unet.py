@@ -28,7 +28,7 @@ from selfperc_jax.errors import UserError  # noqa: E402
 from selfperc_jax.models import unet as project_unet  # noqa: E402
 from third_party.sd_unet import convert, model  # noqa: E402
 
-from conftest import seeded_weights  # noqa: E402
+from conftest import parity_fixture, parity_weights  # noqa: E402
 
 PARITY = REPO / "third_party" / "sd_unet" / "parity"
 VARIANTS = ("sd2", "sd1")
@@ -44,8 +44,7 @@ SD15_PARAMETERS = 859_520_964
 
 @pytest.fixture(scope="module")
 def fixture():
-  with np.load(PARITY / "fixture.npz") as data:
-    return {k: data[k] for k in data.files}
+  return parity_fixture(PARITY)
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +59,7 @@ class Variant:
     self.name = name
     self.diffusers_config = json.loads(str(fixture[f"{name}/config_json"]))
     self.config = model.UNetConfig.from_diffusers_config(self.diffusers_config)
-    self.shapes = {k: tuple(v) for k, v in json.loads(str(fixture[f"{name}/layout_json"])).items()}
-    self.weights = seeded_weights(self.shapes, int(fixture[f"{name}/seed"]))
-    sums = np.array([self.weights[k].astype(np.float64).sum() for k in sorted(self.weights)])
-    np.testing.assert_array_equal(sums, fixture[f"{name}/weight_sums"])  # the same weights PyTorch had, bit for bit
+    self.shapes, self.weights = parity_weights(fixture, name)  # the same weights PyTorch had, bit for bit
     # As a user's weights would come: diffusers' unet/ folder, config.json beside the .safetensors.
     self.folder = tmp_dir
     (tmp_dir / "config.json").write_text(json.dumps(

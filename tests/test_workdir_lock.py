@@ -53,7 +53,8 @@ def test_the_lock_is_refreshed_while_held(tmp_path, monkeypatch):
     lambda: {"pid": _dead_pid()},  # this machine, the process is gone
     lambda: {"pid": os.getpid(), "boot": "an-earlier-boot"},  # this machine has rebooted since
     lambda: {"host": "another-host", "refreshed": time.time() - 2 * workdir_lock.STALE_AFTER},  # not refreshed
-], ids=["dead-process", "rebooted", "other-host-silent"])
+    lambda: {"pid": os.getpid(), "started": time.time() - 3600},  # an earlier process with this one's pid
+], ids=["dead-process", "rebooted", "other-host-silent", "own-pid-before-this-process-started"])
 def test_a_gone_holder_is_taken_over_with_a_warning(tmp_path, capsys, fields):
   _write_lock(tmp_path, **fields())
   lock = WorkdirLock(str(tmp_path))
