@@ -209,6 +209,22 @@ def require_file(path: str, hint: str = "") -> None:
     raise WeightsError(f"weights file {path!r} does not exist.{' ' + hint if hint else ''}")
 
 
+def read_json_object(path: str, hint: str = "") -> dict:
+  """The JSON object in `path` (a model folder's config.json); a missing file, bad JSON or another JSON value is a
+  WeightsError."""
+  import json
+
+  require_file(path, hint)
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise WeightsError(f"{path!r} is not a readable JSON config ({type(e).__name__}: {e}).") from e
+  if not isinstance(data, dict):
+    raise WeightsError(f"{path!r} holds a {type(data).__name__}, not a config object.")
+  return data
+
+
 def is_npz(path: str) -> bool:
   """Named .npz, or a zip archive of .npy files only."""
   if path.endswith(".npz"):

@@ -22,7 +22,6 @@ module holds the U-Net's layout and what to tell the user about it.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import zipfile
@@ -31,9 +30,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..weights_io import (  # the three errors are this module's too: its functions raise them
-    Entry, KeyMatch, StateDictMismatchError, TorchRequiredError, WeightsError, flax_variables, float32_tensors, is_npz,
-    is_safetensors, match_keys, raise_if_mismatched, read_npz, read_safetensors, read_torch_pickle, require_file,
-    safetensors_shapes, torch_layout, write_safetensors)
+    Entry, KeyMatch, StateDictMismatchError, TorchRequiredError, WeightsError, flax_variables, float32_tensors,
+    is_npz, is_safetensors, match_keys, raise_if_mismatched, read_json_object, read_npz, read_safetensors,
+    read_torch_pickle, require_file, safetensors_shapes, torch_layout, write_safetensors)
 
 __all__ = ["StateDictMismatchError", "TorchRequiredError", "WeightsError", "check_shapes", "convert",
            "convert_to_safetensors", "expected_shapes", "load_config", "load_state_dict", "load_variables",
@@ -166,15 +165,8 @@ def load_config(path: str):
   """model.UNetConfig from a diffusers `unet/config.json`."""
   from .model import UNetConfig
 
-  require_file(path, f"Expected diffusers' unet/config.json (see {_README}).")
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise WeightsError(f"{path!r} is not a readable JSON config ({type(e).__name__}: {e}).") from e
-  if not isinstance(data, dict):
-    raise WeightsError(f"{path!r} holds a {type(data).__name__}, not a config object.")
-  return UNetConfig.from_diffusers_config(data)
+  return UNetConfig.from_diffusers_config(
+      read_json_object(path, f"Expected diffusers' unet/config.json (see {_README})."))
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
