@@ -17,8 +17,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from selfperc_jax import fileio, save_errors
+from selfperc_jax import fileio, save_errors, sharding
 from selfperc_jax.errors import CheckpointError, CorruptCheckpointError
+
 
 def checkpoint_dir(path: str) -> str:
   """Accepts a workdir or its checkpoints/ folder."""
@@ -134,8 +135,6 @@ class Checkpointer:
         self._check_space(step, state)
       except CheckpointError as e:
         problem = e
-    from selfperc_jax import sharding
-
     if not sharding.process_0_says(problem is None):
       raise problem or CheckpointError(f"process 0 refused to save checkpoint step {step} to {self.directory} (its "
                                        "output says why). The run stopped.")
@@ -284,7 +283,5 @@ def fingerprint(state) -> dict[str, int]:
   paths_leaves = [(_path_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(state)]
   if not paths_leaves:
     return {}
-  from selfperc_jax import sharding
-
   sums = sharding.to_host(_sums([x for _, x in paths_leaves]))
   return {path: int(np.asarray(v)) for (path, _), v in zip(paths_leaves, sums)}

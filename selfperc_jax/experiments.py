@@ -108,14 +108,14 @@ class Comparison:
 
   def train(self, name: str, cfg) -> None:
     workdir = self.stage_dir(name)
-    if sharding.process_0_says((resume.latest_step(workdir) or 0) >= cfg.total_steps):
+    if sharding.process_0_says(self.lead and (resume.latest_step(workdir) or 0) >= cfg.total_steps):
       self._say(f"{name}: trained ({cfg.total_steps} steps) already")
       return
     self._say(f"{name}: training {cfg.total_steps} steps in {workdir}")
     try:
       train.train_and_evaluate(cfg, workdir)
     except Stopped as e:  # the stage saved where it stood; what comes after it must not start from there
-      raise Stopped(f"stage {name}: {e} the comparison from there") from None
+      raise Stopped(f"stage {name}: {e} (the comparison goes on from that stage)") from None
 
   def evaluate(self, name: str, cfg, guidance_scale: float) -> dict:
     cfg = eval_config(cfg, guidance_scale)

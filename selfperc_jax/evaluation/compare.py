@@ -26,7 +26,7 @@ def compare(ref_path: str, samples_path: str, features: str = "digits", cache_di
   images, labels = evaluate.load_batch(samples_path, "samples")
   if labels is not None and features == "digits" and labels.max() >= 10:
     raise EvaluationError(f"samples file {samples_path}: arr_1 holds label {labels.max()}, but the digits "
-                                  "have classes 0-9.")
+                          "have classes 0-9.")
   network = evaluate.make_feature_network(features, cache_dir=cache_dir, inception_weights=weights or "")
   reference = evaluate.features_of_reference(loaded_reference, network)
   if labels is None or features == "inception":

@@ -74,21 +74,21 @@ def load_batch(path: str, what: str):
       keys = set(f.files)
       if "arr_0" not in keys:
         raise EvaluationError(f"{what} file {path} has no 'arr_0' (uint8 NHWC images); it holds "
-                                      f"{sorted(keys)}.")
+                              f"{sorted(keys)}.")
       images = f["arr_0"]
       labels = f["arr_1"] if "arr_1" in keys else None
   except EvaluationError:
     raise
   except Exception as e:  # empty, truncated, not a zip, object arrays (pickles are refused): numpy raises many types
     raise EvaluationError(f"{what} file {path} is not readable as {expected} ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}).") from e
+                          f"{str(e).splitlines()[0] if str(e) else ''}).") from e
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
     raise EvaluationError(f"{what} file {path}: arr_0 must be uint8 images (N, H, W, 1 or 3), N > 0; it is "
-                                  f"{images.dtype} of shape {images.shape}.")
+                          f"{images.dtype} of shape {images.shape}.")
   if labels is not None:
     if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
       raise EvaluationError(f"{what} file {path}: arr_1 must hold one integer label per image "
-                                    f"({len(images)}); it is {labels.dtype} of shape {labels.shape}.")
+                            f"({len(images)}); it is {labels.dtype} of shape {labels.shape}.")
     if labels.size and labels.min() < 0:
       raise EvaluationError(f"{what} file {path}: arr_1 holds negative labels (min {labels.min()}).")
     labels = labels.astype(np.int64)
@@ -111,7 +111,7 @@ def load_reference_file(path: str) -> tuple[np.ndarray | None, np.ndarray | None
     return metrics.load_reference(path).features, None
   if "arr_0" not in keys:
     raise EvaluationError(f"reference file {path} holds neither 'arr_0' (images) nor mu/sigma/features; "
-                                  f"it holds {sorted(keys)}.")
+                          f"it holds {sorted(keys)}.")
   return None, load_batch(path, "reference")[0]
 
 
