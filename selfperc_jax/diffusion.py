@@ -5,6 +5,10 @@ timesteps is the DDPM table alpha_bar[i] = prod_{j<=i} (1 - beta_j), placed at t
 the clean image), and is linearly interpolated between grid points; a *continuous* schedule (T = 0) uses the
 closed form of the same family. All processes are variance preserving: alpha_t**2 + sigma_t**2 = 1.
 
+diffusers' schedulers index the same table by k = 0..T-1 (`alphas_cumprod[k]`, betas from the same formulas), so
+diffusers' timestep k is this module's t = (k + 1) / T, and a model trained with diffusers is called with the
+timestep round(t T) - 1 (tests/test_scheduler_parity.py checks both tables against diffusers').
+
 Everything here is a pure function of arrays, so it can be jitted, vmapped and tested against closed forms.
 """
 
@@ -19,6 +23,8 @@ import numpy as np
 
 SCHEDULES = ("cosine", "linear", "scaled_linear")
 PREDICTIONS = ("v", "eps", "x0")
+# Which alpha the zero-terminal-SNR rescale keeps (see Schedule.zero_snr_anchor).
+ZERO_SNR_ANCHORS = ("clean", "first_timestep")
 
 # DDPM / Stable Diffusion endpoints of beta, defined for a 1000-step process.
 _LINEAR_BETAS = (1e-4, 2e-2)
@@ -78,6 +84,17 @@ def _discrete_alpha_bar_np(name, timesteps):
   return np.concatenate([[1.0], np.cumprod(1.0 - _discrete_betas_np(name, timesteps))])
 
 
+def _rescaled_first_timestep_alpha_np(name, timesteps):
+  """sqrt(alpha_bar) at t = 0, 1/T, ..., 1 with Lin et al.'s Algorithm 1 applied to the T-step table (t = 1/T .. 1):
+  shifted and scaled so that alpha(1) = 0 and alpha(1/T) keeps its value, as diffusers' `rescale_betas_zero_snr`
+  does; the clean image t = 0 keeps alpha = 1."""
+  alpha = np.sqrt(_discrete_alpha_bar_np(name, timesteps))
+  first, last = alpha[1], alpha[-1]
+  alpha[1:] = (alpha[1:] - last) * first / (first - last)
+  alpha[-1] = 0.0
+  return alpha
+
+
 def rescale_zero_terminal_snr(alpha_fn):
   """Shifts and scales sqrt(alpha_bar) so that alpha(1) = 0 while alpha(0) is unchanged (Lin et al., 2023)."""
   a0, a1 = alpha_fn(jnp.float32(0.0)), alpha_fn(jnp.float32(1.0))
@@ -91,24 +108,50 @@ class Schedule:
   name: str = "cosine"
   timesteps: int = 0  # 0: continuous time; T > 0: the discrete T-step DDPM table
   zero_terminal_snr: bool = False
+  # Which alpha the zero-terminal-SNR rescale keeps: 'clean' alpha(0) = 1 (the project's own, any schedule);
+  # 'first_timestep' alpha(1/T), the first entry of the T-step table (Lin et al.'s Algorithm 1 on the discrete
+  # table, as diffusers' rescale_betas_zero_snr does; discrete schedules with zero_terminal_snr only). The two
+  # differ most near t = 0: with scaled_linear, T = 1000, sigma(1/T) is 0.0302 vs diffusers' 0.0292.
+  zero_snr_anchor: str = "clean"
 
   def __post_init__(self):
     if self.name not in SCHEDULES:
       raise ValueError(f"diffusion.schedule={self.name!r} is not known; choose one of {SCHEDULES}.")
     if self.timesteps < 0:
       raise ValueError(f"diffusion.timesteps={self.timesteps} must be 0 (continuous) or a positive step count.")
+    if self.zero_snr_anchor not in ZERO_SNR_ANCHORS:
+      raise ValueError(f"diffusion.zero_snr_anchor={self.zero_snr_anchor!r} is not known; choose one of "
+                       f"{ZERO_SNR_ANCHORS}.")
+    if self.zero_snr_anchor == "first_timestep" and not (self.timesteps and self.zero_terminal_snr):
+      raise ValueError("diffusion.zero_snr_anchor='first_timestep' needs a discrete schedule (diffusion.timesteps > "
+                       "0) rescaled to zero terminal SNR (diffusion.zero_terminal_snr=True).")
 
   def _raw_alpha(self, t):
     if self.timesteps == 0:
       return jnp.sqrt(continuous_alpha_bar(t, self.name))
-    table = jnp.asarray(np.sqrt(_discrete_alpha_bar_np(self.name, self.timesteps)), jnp.float32)
+    if self.zero_snr_anchor == "first_timestep":
+      table = _rescaled_first_timestep_alpha_np(self.name, self.timesteps)
+    else:
+      table = np.sqrt(_discrete_alpha_bar_np(self.name, self.timesteps))
     grid = jnp.linspace(0.0, 1.0, self.timesteps + 1)
-    return jnp.interp(jnp.asarray(t, jnp.float32), grid, table)
+    return jnp.interp(jnp.asarray(t, jnp.float32), grid, jnp.asarray(table, jnp.float32))
+
+  def alpha_bar_table(self) -> np.ndarray:
+    """alpha_bar at t = 0, 1/T, ..., 1 in float64 (length T + 1, first entry 1), rescaled as alpha_sigma is: the
+    exact values at the grid points (diffusers' alphas_cumprod[k] is entry k + 1). Discrete schedules only."""
+    if not self.timesteps:
+      raise ValueError("a continuous schedule (timesteps=0) has no table.")
+    if not self.zero_terminal_snr:
+      return _discrete_alpha_bar_np(self.name, self.timesteps)
+    if self.zero_snr_anchor == "first_timestep":
+      return _rescaled_first_timestep_alpha_np(self.name, self.timesteps) ** 2
+    alpha = np.sqrt(_discrete_alpha_bar_np(self.name, self.timesteps))
+    return ((alpha - alpha[-1]) * alpha[0] / (alpha[0] - alpha[-1])) ** 2
 
   def alpha_sigma(self, t):
     """(alpha_t, sigma_t) with the shape of t."""
     alpha_fn = self._raw_alpha
-    if self.zero_terminal_snr:
+    if self.zero_terminal_snr and self.zero_snr_anchor == "clean":
       alpha_fn = rescale_zero_terminal_snr(alpha_fn)
     alpha = jnp.clip(alpha_fn(jnp.asarray(t, jnp.float32)), 0.0, 1.0)
     return alpha, jnp.sqrt(jnp.maximum(1.0 - alpha**2, 0.0))
@@ -163,4 +206,6 @@ def to_x0_eps(pred, x_t, alpha, sigma, prediction):
 
 
 def schedule_from_config(cfg) -> Schedule:
-  return Schedule(name=cfg.schedule, timesteps=int(cfg.timesteps), zero_terminal_snr=bool(cfg.zero_terminal_snr))
+  # zero_snr_anchor: 'clean' where the config has no such key (configs older than the key).
+  return Schedule(name=cfg.schedule, timesteps=int(cfg.timesteps), zero_terminal_snr=bool(cfg.zero_terminal_snr),
+                  zero_snr_anchor=str(getattr(cfg, "zero_snr_anchor", "clean")))
