@@ -10,7 +10,8 @@ self-perceptual feature distance alone (`perceptual.mse_weight=0`). It is the ba
 (selfperc_jax/config_base.py, where every key is documented); this file holds its variants.
 
 Arguments: '' (default), 'tiny', 'mse' (MSE only), 'small' (half the channels, half the total steps: 600 + 600
-instead of 1400 + 1000; a harder setting for the comparison, where the pre-trained model is further from converged);
+instead of 1400 + 1000; a harder setting for the comparison, where the pre-trained model is further from converged),
+'uncond' (unconditional: no class input, label dropout or guidance; samples are not class-balanced);
 they combine with commas, e.g. 'tiny,mse'. The paper's whole comparison (MSE, MSE + guidance, self-perceptual, from
 one pre-training) is one command:
 
@@ -22,10 +23,10 @@ from selfperc_jax import config_base
 
 def get_config(arg=None):
   args = set(filter(None, (arg or "").split(",")))
-  unknown = args - {"tiny", "mse", "small"}
+  unknown = args - {"tiny", "mse", "small", "uncond"}
   if unknown:
     raise ValueError(f"configs/digits.py: unknown argument(s) {sorted(unknown)}; use 'tiny' or 'small', 'mse', "
-                     "comma-separated, or nothing.")
+                     "'uncond', comma-separated, or nothing.")
   if {"tiny", "small"} <= args:
     raise ValueError("configs/digits.py: 'tiny' and 'small' are two sizes; give one of them.")
 
@@ -51,4 +52,8 @@ def get_config(arg=None):
     config.model.base_channels = 16
   if "mse" in args:
     config.perceptual.weight = 0.0
+  if "uncond" in args:  # unconditional: no class input, so nothing to drop for guidance and no guided rows
+    config.condition = "none"
+    config.loss.label_dropout = 0.0
+    config.experiment.guidance_scales = (1.0,)
   return config

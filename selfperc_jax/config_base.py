@@ -25,6 +25,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # the data order and flips, and the training draws (init, t, noise, label dropout)
+  # What the model is conditioned on (selfperc_jax/conditioning.py): 'class' (the data set's labels; a null class for
+  # guidance), or 'none' (unconditional: no class embedding, label dropout or guidance; draws are not class-balanced).
+  config.condition = "class"
   config.total_steps = 2400  # optimizer steps of the whole run, pre-training included
   config.batch_size = 128  # global, over all hosts and devices
   config.log_every = 100  # steps between rows of metrics.jsonl
@@ -85,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.schedule = "cosine"  # cosine | linear | scaled_linear
   config.diffusion.timesteps = 0  # 0: continuous t; T: the discrete T-step table
   config.diffusion.zero_terminal_snr = False  # rescale the schedule to zero SNR at t = 1 (Lin et al. 2023)
+  # Which alpha that rescale keeps: 'clean' alpha(0) = 1 (any schedule), or 'first_timestep' the T-step table's first
+  # entry, as diffusers' rescale_betas_zero_snr does (a model trained with diffusers; timesteps > 0 only).
+  config.diffusion.zero_snr_anchor = "clean"
   config.diffusion.prediction = "v"  # v | eps | x0
 
   config.loss = ml_collections.ConfigDict()  # the diffusion MSE term
@@ -130,6 +136,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample = ml_collections.ConfigDict()  # the training-time sample grids; evaluation samples the same way
   config.sample.sampler = "ddim"  # ddim | ddpm | dpmpp_2m | heun
   config.sample.steps = 50  # sampler steps (heun: 2 model calls each)
+  # Where the steps go: 'project' (N + 1 evenly spaced times from 1 to 0), or diffusers' timesteps and step rules
+  # 'trailing' | 'leading' | 'linspace' (discrete schedules; scheduler_config.py reads a diffusers model's settings).
+  config.sample.timestep_spacing = "project"
+  config.sample.steps_offset = 0  # diffusers' steps_offset: added to the 'leading' timesteps (the others ignore it)
+  # Where the last step lands: 'clean' (t = 0), or 'first_timestep' (t = 1/T, discrete schedules: diffusers' DDIM
+  # with set_alpha_to_one=False, DPM-Solver with final_sigmas_type='sigma_min').
+  config.sample.final_step = "clean"
   config.sample.guidance_scale = 1.0  # classifier-free guidance; 1: none
   config.sample.num_samples = 100  # rounded up to a multiple of the classes shown: one grid row per class
   config.sample.guidance_rescale = 0.0  # phi of Lin et al. 2023 (e.g. 0.7 with guidance 7.5); 0: plain guidance

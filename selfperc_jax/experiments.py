@@ -146,8 +146,10 @@ class Comparison:
       _, params = modes.latest_sampling_params(setup)
       s = cfg.sample
       labels = generate.draw_labels(cfg)
-      chunks = list(setup.generator().chunks(params, labels, s.seed))
-      grids[name] = (np.concatenate([c.images for c in chunks])[: generate.GRID_MAX], labels[: generate.GRID_MAX])
+      generator = setup.generator()
+      chunks = list(generator.chunks(params, labels, s.seed))
+      grids[name] = (np.concatenate([c.images for c in chunks])[: generate.GRID_MAX],
+                     labels[: generate.GRID_MAX] if generator.labelled else None)
     if self.lead:
       fileio.makedirs(fileio.join(self.workdir, "grids"))
       s = self.config.sample

@@ -16,39 +16,43 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from selfperc_jax import fileio, images, samplers, sharding, space
+from selfperc_jax import conditioning, fileio, images, samplers, sharding, space
 from selfperc_jax.logging_utils import Progress
 
 GRID_MAX = 256  # a sample grid shows at most this many images (the first ones, class-sorted)
 
 
-def class_labels(num_samples: int, num_classes: int, classes=()) -> np.ndarray:
-  """Class-sorted labels of `classes` (empty: all), num_samples rounded up to a multiple of their count (one grid
-  row per class); fewer samples than classes: one each of num_samples classes spread evenly over them."""
-  classes = np.asarray(classes, np.int32) if len(classes) else np.arange(num_classes, dtype=np.int32)
-  if num_samples < len(classes):
-    return classes[np.round(np.linspace(0, len(classes) - 1, num_samples)).astype(np.int64)]
-  per_class = -(-num_samples // len(classes))
-  return np.repeat(classes, per_class)
+class_labels = conditioning.class_labels  # class-sorted labels of a draw (the pure rule; tests call it here too)
 
 
 def draw_labels(config, *, evaluation: bool = False) -> np.ndarray:
-  """The labels of a draw from `config`: sample.num_samples of sample.classes (sample grids and files), or with
-  `evaluation` eval.num_samples over every class."""
+  """The conditions of a draw from `config` (conditioning.Conditioning.draw): sample.num_samples of sample.classes
+  (sample grids and files), or with `evaluation` eval.num_samples over every class; unconditional: zeros."""
+  cond = conditioning.from_config(config)
   if evaluation:
-    return class_labels(config.eval.num_samples, config.model.num_classes)
-  return class_labels(config.sample.num_samples, config.model.num_classes, config.sample.classes)
+    return cond.draw(config.eval.num_samples)
+  return cond.draw(config.sample.num_samples, config.sample.classes)
 
 
-def sampling_name(sample_cfg) -> str:
-  """A name per sampling setting (sampler, steps, guidance), e.g. 'ddim50_cfg2_rescale0.7': file names and the start
-  of evaluation.evaluate.setting_name, so that they never collide between settings."""
-  s = sample_cfg
+def sampling_name(config) -> str:
+  """A name per sampling setting of a config (sampler, steps, guidance, and where they differ from the project's
+  defaults the timesteps, the final step and the zero-SNR anchor), e.g. 'ddim50_cfg2_rescale0.7' or
+  'ddim25_cfg1_trailing_final-first_timestep_anchor-first_timestep': file names and the start of
+  evaluation.evaluate.setting_name, so that they never collide between settings."""
+  s = config.sample
   name = f"{s.sampler}{s.steps}_cfg{s.guidance_scale:g}"
   if s.guidance_scale != 1 and s.guidance_rescale:
     name += f"_rescale{s.guidance_rescale:g}"
   if s.guidance_scale != 1 and tuple(s.guidance_interval) != (0.0, 1.0):
     name += f"_interval{s.guidance_interval[0]:g}-{s.guidance_interval[1]:g}"
+  if s.timestep_spacing != "project":
+    name += f"_{s.timestep_spacing}"
+    if s.timestep_spacing == "leading" and s.steps_offset:  # the only spacing it moves (samplers.make_plan)
+      name += f"_offset{s.steps_offset}"
+  if s.final_step != "clean":
+    name += f"_final-{s.final_step}"
+  if config.diffusion.zero_snr_anchor != "clean":
+    name += f"_anchor-{config.diffusion.zero_snr_anchor}"
   return name
 
 
@@ -69,7 +73,8 @@ class Generator:
 
   embed_fn(variables, uint8 images) -> (features, logits), with `embed_variables`, adds features computed on the
   devices (evaluation); a space.Decoder turns the model's samples into images first (latent space), in the same
-  chunk program. Both must be jit-compatible.
+  chunk program. Both must be jit-compatible. The sampler clips x0 to [-1, 1] where space.clips_x0 says (pixels),
+  and takes config.sample's timesteps (timestep_spacing, steps_offset, final_step).
   """
 
   def __init__(self, config, model, schedule, model_shape, mesh, embed_fn: Callable | None = None,
@@ -86,6 +91,10 @@ class Generator:
     self._embed_variables = sharding.replicate(embed_variables, mesh) if embed_fn is not None else None
     self._decode_variables = sharding.replicate(decoder.variables, mesh) if decoder.decode_fn is not None else None
     batch = sharding.batch_sharding(mesh)
+    clip_x0 = space.clips_x0(config)
+    cond = conditioning.from_config(config)
+    null = cond.null  # guidance's "no class" (None: unconditional)
+    self.labelled = cond.conditional  # whether a sample's label means anything (files, grids, class accuracy)
 
     def draw_chunk(params, embed_variables, decode_variables, seed, labels, indices):
       base = jax.random.key(seed)
@@ -95,7 +104,9 @@ class Generator:
                           sampler=s.sampler, num_steps=int(s.steps), guidance_scale=float(s.guidance_scale),
                           guidance_rescale=float(s.guidance_rescale),
                           guidance_interval=tuple(float(v) for v in s.guidance_interval),
-                          null_class=config.model.num_classes)
+                          null_class=null, clip_x0=clip_x0,
+                          timestep_spacing=str(s.timestep_spacing), steps_offset=int(s.steps_offset),
+                          final_step=str(s.final_step))
       if decoder.decode_fn is not None:
         x = decoder.decode_fn(decode_variables, x)
       out = {"images": images.to_uint8_device(x)}
@@ -151,7 +162,8 @@ def write_samples(generator: Generator, params, out_dir: str, name: str, labels,
   writer = None
   if writing:
     fileio.makedirs(out_dir)
-    writer = images.NpzStreamWriter(fileio.join(out_dir, f"{name}.npz"), generator.image_shape, labels)
+    writer = images.NpzStreamWriter(fileio.join(out_dir, f"{name}.npz"), generator.image_shape,
+                                    labels if generator.labelled else None, len(labels))
   progress = Progress(progress_label, len(labels), unit="samples", enabled=writing and progress_label is not None)
   grid = []
   try:
@@ -168,4 +180,5 @@ def write_samples(generator: Generator, params, out_dir: str, name: str, labels,
     return ""
   writer.close()
   grid_images = np.concatenate(grid)
-  return images.save_grid(fileio.join(out_dir, f"{name}.png"), grid_images, labels[: len(grid_images)])
+  return images.save_grid(fileio.join(out_dir, f"{name}.png"), grid_images,
+                          labels[: len(grid_images)] if generator.labelled else None)

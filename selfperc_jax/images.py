@@ -22,18 +22,24 @@ def to_uint8_device(images):
   return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
-def class_grid(images_u8: np.ndarray, labels: np.ndarray, min_cell: int = 32, pad: int = 2):
-  """One row per class (in label order), each row headed by its class number; small images are upscaled (a PIL
-  image; Pillow is imported here, so that training and the benchmarks import without it)."""
+def class_grid(images_u8: np.ndarray, labels: np.ndarray | None, min_cell: int = 32, pad: int = 2):
+  """One row per class (in label order), each row headed by its class number; unlabelled images (labels None: an
+  unconditional model's) in a square grid without headings. Small images are upscaled (a PIL image; Pillow is
+  imported here, so that training and the benchmarks import without it)."""
   from PIL import Image, ImageDraw
 
   n, h, w, c = images_u8.shape
   scale = max(1, -(-min_cell // max(h, w)))
   cell_h, cell_w = h * scale + pad, w * scale + pad
-  classes = sorted(set(int(y) for y in labels))
-  rows = [np.flatnonzero(labels == k) for k in classes]
+  if labels is None:
+    side = max(1, int(np.ceil(np.sqrt(n))))
+    classes, rows = [""] * (-(-n // side)), [np.arange(i, min(i + side, n)) for i in range(0, n, side)]
+  else:
+    labels = np.asarray(labels)
+    classes = sorted(set(int(y) for y in labels))
+    rows = [np.flatnonzero(labels == k) for k in classes]
   cols = max(len(r) for r in rows)
-  label_w = 8 * len(str(max(classes))) + 8
+  label_w = 8 * len(str(max(classes))) + 8 if labels is not None else 0
   grid = Image.new("L" if c == 1 else "RGB", (label_w + cols * cell_w, len(rows) * cell_h), 0)
   draw = ImageDraw.Draw(grid)
   for r, (k, idx) in enumerate(zip(classes, rows)):
@@ -46,9 +52,10 @@ def class_grid(images_u8: np.ndarray, labels: np.ndarray, min_cell: int = 32, pa
 
 
 def save_grid(path: str, images_u8, labels) -> str:
-  """Writes the class grid of uint8 images as a PNG; returns the path."""
+  """Writes the class grid of uint8 images (labels None: unlabelled) as a PNG; returns the path."""
   buffer = io.BytesIO()
-  class_grid(np.asarray(images_u8, np.uint8), np.asarray(labels, np.int64)).save(buffer, format="PNG")
+  labels = None if labels is None else np.asarray(labels, np.int64)
+  class_grid(np.asarray(images_u8, np.uint8), labels).save(buffer, format="PNG")
   fileio.write_bytes(path, buffer.getvalue())
   return path
 
@@ -56,16 +63,18 @@ def save_grid(path: str, images_u8, labels) -> str:
 class NpzStreamWriter:
   """Writes the guided-diffusion .npz (arr_0 uint8 NHWC, arr_1 labels) chunk by chunk, never holding all images.
 
-  The labels are known up front; `write(images)` appends the next chunk of arr_0. The file appears under its name
-  only when `close()` has written everything (a temporary name until then), so a reader never sees half a batch.
+  The labels are known up front; `write(images)` appends the next chunk of arr_0. Unlabelled samples (an
+  unconditional model's: labels None, num_images their count) get no arr_1, as in guided-diffusion's format. The file
+  appears under its name only when `close()` has written everything (a temporary name until then), so a reader never
+  sees half a batch.
   """
 
-  def __init__(self, path: str, image_shape: tuple[int, ...], labels):
+  def __init__(self, path: str, image_shape: tuple[int, ...], labels, num_images: int | None = None):
     from etils import epath
 
     self.path = epath.Path(path)
-    self.labels = np.asarray(labels, np.int64)
-    self.shape = (len(self.labels),) + tuple(image_shape)
+    self.labels = None if labels is None else np.asarray(labels, np.int64)
+    self.shape = (len(self.labels) if num_images is None else int(num_images),) + tuple(image_shape)
     self.written = 0
     self._tmp = fileio.partial_name(self.path)
     self._file = self._tmp.open("wb")
@@ -87,8 +96,9 @@ class NpzStreamWriter:
     if self.written != self.shape[0]:
       raise ValueError(f"{self.written} of {self.shape[0]} images were written.")
     self._member.close()
-    with self._zip.open("arr_1.npy", "w") as f:
-      np.lib.format.write_array(f, self.labels, allow_pickle=False)
+    if self.labels is not None:
+      with self._zip.open("arr_1.npy", "w") as f:
+        np.lib.format.write_array(f, self.labels, allow_pickle=False)
     self._zip.close()
     self._file.close()
     self._tmp.replace(self.path)

@@ -49,7 +49,7 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> s
   setup = Setup(config, workdir, with_data=False)
   latest, params = latest_sampling_params(setup)
   s = config.sample
-  name = f"step_{latest}_{generate.sampling_name(s)}"
+  name = f"step_{latest}_{generate.sampling_name(config)}"
   # A name per setting, so that sampling never overwrites the training-time grids or another setting's samples.
   labels = generate.draw_labels(config)
   png = generate.write_samples(setup.generator(), params, fileio.join(setup.workdir, "samples"), f"{name}_seed{s.seed}",

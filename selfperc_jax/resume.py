@@ -16,13 +16,15 @@ from selfperc_jax.setup import Setup
 
 
 # Config sections that fix the shapes of the state; a checkpoint only resumes under the same values.
-SHAPE_KEYS = ("model", "data.image_size", "data.name", "latent.vae", "latent.channels", "latent.block_out_channels")
+SHAPE_KEYS = ("model", "condition", "data.image_size", "data.name", "latent.vae", "latent.channels", "latent.block_out_channels")
 # Keys inside those sections that change how the model computes, not what it holds.
 NON_SHAPE_KEYS = ("model.dtype", "model.remat", "model.dropout", "model.attention")
 # Keys added after checkpoints were already written: a saved config without them had these values.
 ADDED_KEY_DEFAULTS = {"model.head_channels": 0, "model.attention": "auto", "optimizer.accumulate_steps": 1,
                       "latent.vae": "", "latent.channels": 0, "latent.block_out_channels": (),
-                      "trust_unverified_checkpoints": False}
+                      "trust_unverified_checkpoints": False, "diffusion.zero_snr_anchor": "clean",
+                      "sample.timestep_spacing": "project", "sample.steps_offset": 0, "sample.final_step": "clean",
+                      "condition": "class"}
 
 
 def open_latest(directory: str, trust_unverified: bool = False) -> tuple[checkpoint.Checkpointer | None, int | None]:

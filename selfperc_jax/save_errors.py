@@ -71,10 +71,15 @@ class OrbaxErrorLog(logging.Filter):
       pass
 
   def close(self) -> None:
-    """Stops filtering the log records; sys.stderr stays filtered after a failure (its tracebacks come until exit)."""
+    """Stops filtering; after a failure (records were kept) both filters stay until exit: asyncio reports a failed
+    write's task only when the task is garbage collected ("Task exception was never retrieved", at any time up to
+    the interpreter's exit), and tensorstore's tracebacks come until exit too."""
+    if self.path is not None:
+      self.active = True
+      return
     for handler in self._handlers:
       handler.removeFilter(self)
-    if self.path is None and isinstance(sys.stderr, ClosedLoopTracebacks) and sys.stderr._log is self:
+    if isinstance(sys.stderr, ClosedLoopTracebacks) and sys.stderr._log is self:
       sys.stderr = self._stderr
 
 

@@ -18,7 +18,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from selfperc_jax import config_tree
+from selfperc_jax import config_tree, space
 from selfperc_jax.errors import ConfigError
 
 # diffusers' prediction_type -> diffusion.prediction
@@ -50,11 +50,11 @@ _DPM_REQUIRED = {
     "use_lu_lambdas": False, "use_flow_sigmas": False, "variance_type": None, "use_dynamic_shifting": False,
 }
 
-# What the code does where a config lacks one of these keys (keys that selfperc_jax/config_base.py may not have yet):
-# the project's own behaviour.
+# What the code does where a config lacks one of these keys (a config, e.g. a checkpoint's, older than them): the
+# project's own behaviour, config_base's defaults.
 CONFIG_DEFAULTS = {
     "diffusion.zero_snr_anchor": "clean", "sample.timestep_spacing": "project", "sample.steps_offset": 0,
-    "sample.final_step": "clean", "sample.clip_x0": True,
+    "sample.final_step": "clean",
 }
 
 
@@ -78,7 +78,8 @@ def _setting(scheduler_config: Mapping, key: str, defaults: Mapping, scheduler: 
 
 
 def _read(scheduler_config: Mapping, sampler: str | None, source: str):
-  """({dotted config key: (value, what in the file says so)}, [problem lines])."""
+  """({dotted config key: (value, what in the file says so)}, [problem lines], what in the file says that x0 is not
+  clipped, or None). Clipping is no config key: space.clips_x0 decides it (pixels yes, latents no)."""
   problems = []
   scheduler = SCHEDULER_OF_SAMPLER.get(sampler)
   defaults = DEFAULTS_DPM if scheduler == "DPMSolverMultistepScheduler" else DEFAULTS_DDIM
@@ -129,12 +130,12 @@ def _read(scheduler_config: Mapping, sampler: str | None, source: str):
   # diffusers rescales the T-step table keeping alphas_cumprod[0] (Lin et al.'s Algorithm 1 on the table).
   out["diffusion.zero_snr_anchor"] = ("first_timestep" if rescale else "clean", rescale_from)
 
-  thresholding, _ = get("thresholding")
+  thresholding, thresholding_from = get("thresholding")
   if thresholding:
     unsupported("thresholding", thresholding, "dynamic thresholding is not implemented (and unsuitable for latents)")
 
   if scheduler is None:
-    return out, problems
+    return out, problems, None
 
   spacing, spacing_from = get("timestep_spacing")
   if spacing not in ("trailing", "leading", "linspace"):
@@ -149,11 +150,11 @@ def _read(scheduler_config: Mapping, sampler: str | None, source: str):
     alpha_to_one, alpha_from = get("set_alpha_to_one")
     out["sample.final_step"] = ("clean" if alpha_to_one else "first_timestep", alpha_from)
     clip, clip_from = get("clip_sample")
+    unclipped = None if clip or thresholding else clip_from
     if clip:
-      unsupported("clip_sample", clip, "diffusers' DDIM clips x0 alone, while sample.clip_x0 also re-derives eps "
-                  "and clips the result; no latent-space model wants either")
-    else:
-      out["sample.clip_x0"] = (False, clip_from)
+      unsupported("clip_sample", clip, "diffusers' DDIM clips x0 alone, while this project clips in pixel space "
+                  "only (space.clips_x0), where it also re-derives eps and clips the result; no latent-space model "
+                  "wants either")
   else:
     for key, required in _DPM_REQUIRED.items():
       value, _ = get(key)
@@ -167,8 +168,8 @@ def _read(scheduler_config: Mapping, sampler: str | None, source: str):
       unsupported("final_sigmas_type", final, "diffusers' values are 'zero' and 'sigma_min'")
     else:
       out["sample.final_step"] = ("clean" if final == "zero" else "first_timestep", final_from)
-    out["sample.clip_x0"] = (False, "thresholding off, and DPMSolverMultistepScheduler does not clip x0 otherwise")
-  return out, problems
+    unclipped = None if thresholding else thresholding_from  # DPMSolverMultistepScheduler clips x0 only with it
+  return out, problems, unclipped
 
 
 def settings_from_scheduler_config(scheduler_config: Mapping, sampler: str | None = None,
@@ -177,11 +178,12 @@ def settings_from_scheduler_config(scheduler_config: Mapping, sampler: str | Non
 
   diffusion.schedule, .timesteps, .prediction, .zero_terminal_snr, .zero_snr_anchor always; with sampler 'ddim' or
   'dpmpp_2m' (read as DDIMScheduler / DPMSolverMultistepScheduler.from_config(file) would, with that scheduler's
-  defaults) also sample.timestep_spacing, sample.steps_offset (with 'leading' only), sample.final_step and
-  sample.clip_x0. Other samplers have no diffusers counterpart: no sample.* keys. Raises one ConfigError with a line
-  per unsupported value, each naming `source` and the key.
+  defaults) also sample.timestep_spacing, sample.steps_offset (with 'leading' only) and sample.final_step. Other
+  samplers have no diffusers counterpart: no sample.* keys. Raises one ConfigError with a line per unsupported value,
+  each naming `source` and the key. Such a scheduler does not clip x0 (clip_sample=True is unsupported): that is the
+  latent space's sampling (space.clips_x0), which check_config checks.
   """
-  settings, problems = _read(scheduler_config, sampler, source)
+  settings, problems, _ = _read(scheduler_config, sampler, source)
   if problems:
     raise ConfigError("\n".join(problems))
   return {key: value for key, (value, _) in settings.items()}
@@ -190,10 +192,11 @@ def settings_from_scheduler_config(scheduler_config: Mapping, sampler: str | Non
 def check_config(config, scheduler_config: Mapping, source: str = "scheduler_config.json") -> list[str]:
   """One line per value of `config` (a ConfigDict or nested dict) that disagrees with the scheduler config, naming
   both values and the fix, after one line per unsupported value of the file; empty when they agree. The sample.*
-  settings are checked for config.sample.sampler 'ddim' and 'dpmpp_2m' only. A key the config lacks counts as
-  CONFIG_DEFAULTS says (what the code does without it)."""
+  settings are checked for config.sample.sampler 'ddim' and 'dpmpp_2m' only, and with them that the config's space
+  does not clip x0 (space.clips_x0: a pixel-space config does). A key the config lacks counts as CONFIG_DEFAULTS
+  says (what the code does without it)."""
   sampler = config_tree.lookup(config, "sample.sampler")
-  settings, lines = _read(scheduler_config, sampler if sampler in SCHEDULER_OF_SAMPLER else None, source)
+  settings, lines, unclipped = _read(scheduler_config, sampler if sampler in SCHEDULER_OF_SAMPLER else None, source)
   for key, (expected, reason) in settings.items():
     value = config_tree.lookup(config, key)
     if value is None:
@@ -201,4 +204,8 @@ def check_config(config, scheduler_config: Mapping, source: str = "scheduler_con
     same = (value == expected) and (isinstance(value, bool) == isinstance(expected, bool))
     if not same:
       lines.append(f"{key}={value!r} but {source} says {reason}; set {key}={expected!r} to match it.")
+  if unclipped is not None and space.clips_x0(config):
+    vae = config_tree.lookup(config, "latent.vae") or ""
+    lines.append(f"latent.vae={vae!r} (pixel space: x0 is clipped to [-1, 1]) but {source} says {unclipped} (x0 "
+                 "not clipped, as latents are); set latent.vae to the model's VAE ('sd' or 'sdxl') to match it.")
   return lines

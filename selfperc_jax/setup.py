@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from selfperc_jax import (checkpoint, diffusion, fileio, flops, generate, input_pipeline, sharding, space,
-                          step as step_lib, validation)
+from selfperc_jax import (checkpoint, conditioning, diffusion, fileio, flops, generate, input_pipeline, sharding,
+                          space, step as step_lib, validation)
 from selfperc_jax.evaluation import evaluate
 from selfperc_jax.models import unet
 
@@ -29,7 +29,8 @@ class Setup:
     rows = sharding.process_rows(self.mesh, config.batch_size)
     self.pipeline = input_pipeline.build(config, rows) if with_data else None
     self.model_shape = space.model_shape(config)  # images, or their latents
-    self.model = unet.unet_from_config(config.model, out_channels=self.model_shape[-1])
+    self.conditioning = conditioning.from_config(config)  # class or none
+    self.model = unet.unet_from_config(config.model, self.model_shape[-1], self.conditioning.model_classes)
     self.schedule = diffusion.schedule_from_config(config.diffusion)
     self.tx, self.lr_schedule = step_lib.make_optimizer(config)
     self.init_fn = lambda key: step_lib.init_state(config, self.model, self.tx, key, self.model_shape)

@@ -3,11 +3,13 @@
 This module is the one place that decides it (`latent.vae`: '' for pixels). Data, sampling and evaluation call it at
 their edges; the loss, the step and the samplers only ever see "x", whatever it is.
 
-- Pixel space: the model works on the images ([-1, 1], NHWC), and its samples are the images.
+- Pixel space: the model works on the images ([-1, 1], NHWC), and its samples are the images; sampling clips each
+  x0 prediction and the samples to [-1, 1] (`clips_x0`).
 - Latent space: the data are latents pre-encoded once (`python -m selfperc_jax.encode_latents`, see
   `data/latents.py`); the model works on z * scaling_factor, z drawn from each image's VAE posterior. Its samples are
   decoded, vae.decode(x / scaling_factor), inside the sampling program, chunk by chunk on the devices, so that only
-  uint8 images leave them (the same .npz, PNG and FID path as in pixel space).
+  uint8 images leave them (the same .npz, PNG and FID path as in pixel space). Nothing is clipped before decoding:
+  scaled latents have about unit spread, not a range (diffusers' Stable Diffusion schedulers: clip_sample=False).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from selfperc_jax import config_tree
 from selfperc_jax.data.datasets import DATASETS
 from selfperc_jax.errors import ConfigError
 
@@ -24,7 +27,14 @@ VAE_VARIANTS = ("sd", "sdxl")
 
 
 def is_latent(config) -> bool:
-  return bool(config.latent.vae)
+  """latent.vae is set (a ConfigDict or a nested dict; a config without the latent section is in pixel space)."""
+  return bool(config_tree.lookup(config, "latent.vae"))
+
+
+def clips_x0(config) -> bool:
+  """Whether sampling clips x0 predictions and samples to [-1, 1] (samplers.sample's clip_x0): the pixels' range;
+  latents have none."""
+  return not is_latent(config)
 
 
 def vae_config(latent_cfg):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from selfperc_jax import diffusion, losses
+from selfperc_jax import conditioning, diffusion, losses
 
 
 @flax.struct.dataclass
@@ -121,7 +121,7 @@ def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, 
   loss_cfg, p_cfg, prediction = config.loss, config.perceptual, config.diffusion.prediction
   if phase and not has_perceptual(config):
     raise ValueError("phase=True (the self-perceptual phase) needs perceptual.weight > 0.")
-  null_class = config.model.num_classes
+  cond = conditioning.from_config(config)
   taps = tuple(p_cfg.taps)
 
   accumulate = int(config.optimizer.accumulate_steps)
@@ -136,7 +136,7 @@ def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, 
     t = schedule.sample_t(k_t, (b,))
     examples = {
         "x0": x0, "t": t, "eps": jax.random.normal(k_eps, x0.shape, x0.dtype),
-        "label": jnp.where(jax.random.uniform(k_drop_label, (b,)) < loss_cfg.label_dropout, null_class, labels),
+        "label": cond.drop(k_drop_label, cond.from_labels(labels), loss_cfg.label_dropout),
     }
     if loss_cfg.min_snr_gamma > 0:
       examples["weight"] = losses.min_snr_weight(schedule.log_snr(t), prediction, loss_cfg.min_snr_gamma)
@@ -162,7 +162,7 @@ def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, 
       if not phase:
         return l_mse, {"loss_mse": l_mse, "loss_perceptual": jnp.zeros((), jnp.float32)}
       x0_hat, eps_hat = diffusion.to_x0_eps(pred, x_t, alpha, sigma, prediction)
-      copy_labels = ex["label"] if p_cfg.condition == "same" else jnp.full_like(ex["label"], null_class)
+      copy_labels = cond.for_copy(ex["label"], p_cfg.condition)
       l_perceptual = losses.self_perceptual_loss(
           features_fn, schedule, None, ex["x0"], x0_hat, ex["eps"], eps_hat, copy_labels, noise=p_cfg.noise,
           fused=p_cfg.fused, t_prime=ex["t_prime"], eps_prime=ex.get("eps_prime"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from selfperc_jax import config_tree, diffusion, losses, samplers, space
+from selfperc_jax import conditioning, config_tree, diffusion, losses, samplers, space
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.data.datasets import DATASETS
 from selfperc_jax.evaluation import evaluate
@@ -80,6 +80,23 @@ def _check_latent(config) -> None:
            "encode with it), or data.random_flip=False.")
 
 
+def _check_condition(config) -> None:
+  """An unconditional model has no class input: every setting that needs one is refused, each with its fix."""
+  _one_of(config.condition, conditioning.KINDS, "condition")
+  if config.condition != "none":
+    return
+  why = "condition='none' (unconditional) has no class input"
+  _require(config.loss.label_dropout == 0,
+           f"{why} to drop: loss.label_dropout={config.loss.label_dropout} trains for guidance; set it to 0.")
+  _require(config.sample.guidance_scale == 1,
+           f"{why} to guide with: sample.guidance_scale={config.sample.guidance_scale}; set it to 1.")
+  _require(tuple(config.experiment.guidance_scales) == (1.0,),
+           f"{why} to guide with: experiment.guidance_scales={tuple(config.experiment.guidance_scales)}; "
+           "set it to (1.0,).")
+  _require(not len(config.sample.classes),
+           f"{why}: sample.classes={tuple(config.sample.classes)} cannot be drawn; set it to () (empty).")
+
+
 def validate(config) -> None:
   _check_renamed(config)
   for key in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -138,6 +155,11 @@ def validate(config) -> None:
   _require(not (d.zero_terminal_snr and d.prediction == "eps"),
            "diffusion.zero_terminal_snr=True cannot be used with diffusion.prediction='eps': at t = 1 the image "
            "cannot be recovered from eps. Use prediction 'v' (recommended) or 'x0'.")
+  _one_of(d.zero_snr_anchor, diffusion.ZERO_SNR_ANCHORS, "diffusion.zero_snr_anchor")
+  _require(d.zero_snr_anchor == "clean" or (d.timesteps > 0 and d.zero_terminal_snr),
+           f"diffusion.zero_snr_anchor={d.zero_snr_anchor!r} rescales the discrete T-step table to zero terminal SNR: "
+           f"it needs diffusion.timesteps > 0 and diffusion.zero_terminal_snr=True (now {d.timesteps} and "
+           f"{d.zero_terminal_snr}); set them, or diffusion.zero_snr_anchor='clean'.")
 
   lc = config.loss
   _require(lc.min_snr_gamma >= 0, f"loss.min_snr_gamma={lc.min_snr_gamma} must be >= 0 (0 turns it off).")
@@ -193,6 +215,20 @@ def validate(config) -> None:
   _require(s.steps >= 1, f"sample.steps={s.steps} must be >= 1.")
   _require(not d.timesteps or s.steps <= d.timesteps,
            f"sample.steps={s.steps} is more than diffusion.timesteps={d.timesteps}; use at most that many.")
+  _one_of(s.timestep_spacing, samplers.TIMESTEP_SPACINGS, "sample.timestep_spacing")
+  _one_of(s.final_step, samplers.FINAL_STEPS, "sample.final_step")
+  _require(type(s.steps_offset) is int and s.steps_offset >= 0,
+           f"sample.steps_offset={s.steps_offset!r} must be an integer >= 0 (diffusers' steps_offset, e.g. 1).")
+  for key, value, default in (("sample.timestep_spacing", s.timestep_spacing, "project"),
+                              ("sample.final_step", s.final_step, "clean")):
+    _require(value == default or d.timesteps > 0,
+             f"{key}={value!r} needs a discrete schedule, diffusion.timesteps > 0 (diffusers' T-step table); with "
+             f"continuous time (diffusion.timesteps=0) use {key}={default!r}.")
+  if s.timestep_spacing != "project":
+    try:  # a step count that diffusers' spacing cannot do (its np.arange artefacts, too many steps)
+      samplers.diffusers_timesteps(s.sampler, s.steps, d.timesteps, s.timestep_spacing, s.steps_offset)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   _require(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be >= 0 (1 = no guidance).")
   _require(s.num_samples >= 1, f"sample.num_samples={s.num_samples} must be >= 1.")
   _require(int(s.batch_size) >= 1, f"sample.batch_size={s.batch_size} must be >= 1 (samples drawn at once).")
@@ -202,6 +238,7 @@ def validate(config) -> None:
            f"sample.guidance_interval={tuple(s.guidance_interval)} must be (lo, hi) with 0 <= lo < hi <= 1.")
   _require(all(0 <= int(c) < m.num_classes for c in s.classes),
            f"sample.classes={tuple(s.classes)} must be class ids in [0, {m.num_classes}) (empty: all classes).")
+  _check_condition(config)
   mesh = config.mesh
   for key in ("data", "fsdp"):
     _require(mesh[key] == -1 or mesh[key] >= 1, f"mesh.{key}={mesh[key]} must be -1 (the remaining devices) or >= 1.")

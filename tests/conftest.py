@@ -50,6 +50,13 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (README's test command): one worker per core, at most 4. The tests compile on one core each, so two
+  workers on CI's two cores halve the wall time; past 4, each worker's 8 simulated devices and the 2-process tests'
+  extra processes would cost more memory than the time they save."""
+  return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 def subprocess_env(devices: int) -> dict:
   """The environment of a process a test starts: conftest's compile flags (the processes compile the same programs,
   and share the session's compilation cache), with `devices` simulated CPU devices."""

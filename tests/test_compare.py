@@ -51,9 +51,25 @@ def test_reference_statistics_file_gives_the_same_scores(files):
 
 
 @pytest.mark.slow
-def test_samples_without_labels_get_no_class_accuracy(files):
+def test_samples_without_labels_get_confidence_and_balance_instead_of_accuracy(files):
   result = compare.compare(str(files / "ref.npz"), str(files / "unlabelled.npz"))
   assert "class_accuracy" not in result and result["fid"] >= 0
+  assert 0 < result["class_confidence"] <= 1 and 0 <= result["class_balance"] <= 1
+
+
+def test_unlabelled_scores_read_the_classifier_as_they_say():
+  """Confidence: the mean top probability; balance: the predicted classes' entropy over log(K)."""
+  from selfperc_jax.evaluation import evaluate
+
+  feats = np.random.default_rng(0).normal(size=(40, 4))
+  sure = np.log(np.eye(4)[np.arange(40) % 4] * 0.96 + 0.01)  # each class equally often, top probability 0.97
+  result = evaluate.score_features(feats, sure, None, feats, class_scores=True)
+  assert result["class_confidence"] == pytest.approx(0.97) and result["class_balance"] == pytest.approx(1.0)
+  one_class = np.log(np.eye(4)[np.zeros(40, int)] * 0.96 + 0.01)
+  assert evaluate.score_features(feats, one_class, None, feats)["class_balance"] == pytest.approx(0.0, abs=1e-12)
+  labelled = evaluate.score_features(feats, sure, np.arange(40) % 4, feats)
+  assert labelled["class_accuracy"] == 1.0 and "class_balance" not in labelled
+  assert "class_confidence" not in evaluate.score_features(feats, sure, None, feats, class_scores=False)
 
 
 def _no_feature_network(monkeypatch):

@@ -108,3 +108,32 @@ def test_comparison_resumes_after_a_kill_and_never_redoes_a_finished_stage(digit
   calls = {"train": [], "eval": []}
   assert experiments.run(config, workdir, command="the test") == rows
   assert calls == {"train": [], "eval": []}
+
+
+@pytest.mark.slow
+def test_the_unconditional_comparison_trains_samples_evaluates_and_writes_its_table(digits_config, tmp_path):
+  """configs/digits.py:uncond end to end: no class embedding in the params, unlabelled samples (no arr_1, a plain
+  grid), the digits classifier's confidence and class balance instead of its accuracy, one unguided row a branch."""
+  import numpy as np
+
+  from selfperc_jax.setup import Setup
+
+  config = override(digits_config("uncond,tiny"), **{
+      "total_steps": 4, "perceptual.start_step": 2, "checkpoint_every": 2, "log_every": 2, "sample_every": 0,
+      "eval.num_samples": 16, "sample.num_samples": 12, "sample.steps": 3, "experiment.branches": ("mse", "perceptual"),
+      "model.channel_mult": (1,), "model.attention_resolutions": (8,)})
+  workdir = tmp_path / "cmp"
+  rows = experiments.run(config, str(workdir))
+  assert [(r["branch"], r["guidance_scale"]) for r in rows] == [("pretrain", 1.0), ("mse", 1.0), ("perceptual", 1.0)]
+  for r in rows:
+    assert "class_accuracy" not in r and 0 < r["class_confidence"] <= 1 and 0 <= r["class_balance"] <= 1, r
+  table = (workdir / "comparison.md").read_text()
+  assert table.count("\n| ") == 1 + 3
+  branch = workdir / "perceptual"
+  stage = experiments.stage_configs(config, str(workdir))["perceptual"]
+  _, params = modes.latest_sampling_params(Setup(stage, str(branch), with_data=False))
+  assert "class_embed" not in params and "time_mlp_0" in params  # no class input at all
+
+  png = modes.sample_from_checkpoint(override(stage, **{"sample.num_samples": 7}), str(branch))
+  with np.load(png[:-4] + ".npz") as f:
+    assert sorted(f.files) == ["arr_0"] and f["arr_0"].shape == (7, 8, 8, 1)  # 7, not rounded up to the classes

@@ -7,8 +7,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from selfperc_jax import diffusion, generate, images, samplers, sharding
+from conftest import REPO, load_config
+from selfperc_jax import config_base, config_tree, diffusion, generate, images, samplers, scheduler_config, sharding
+from selfperc_jax import space, validation
 from selfperc_jax.errors import ConfigError
+from selfperc_jax.evaluation import evaluate
 
 SHAPE = (4, 4, 3)
 NUM_CLASSES = 3
@@ -26,11 +29,14 @@ class TinyDenoiser(nn.Module):
 
 def _config(sampler="ddim", batch_size=8, guidance_scale=2.0):
   c = ml_collections.ConfigDict()
-  c.diffusion = ml_collections.ConfigDict({"prediction": "v"})
+  c.condition = "class"
+  c.diffusion = ml_collections.ConfigDict({"prediction": "v", "zero_snr_anchor": "clean"})
   c.model = ml_collections.ConfigDict({"num_classes": NUM_CLASSES})
   c.sample = ml_collections.ConfigDict({
       "sampler": sampler, "steps": 4, "guidance_scale": guidance_scale, "guidance_rescale": 0.0,
-      "guidance_interval": (0.0, 1.0), "batch_size": batch_size})
+      "guidance_interval": (0.0, 1.0), "batch_size": batch_size, "timestep_spacing": "project", "steps_offset": 0,
+      "final_step": "clean"})
+  c.latent = ml_collections.ConfigDict({"vae": ""})  # pixel space
   return c
 
 
@@ -187,3 +193,110 @@ def test_class_labels_are_balanced_and_cover_the_classes_evenly_when_fewer():
   np.testing.assert_array_equal(generate.class_labels(5, 3), [0, 0, 1, 1, 2, 2])  # rounded up to 2 per class
   np.testing.assert_array_equal(generate.class_labels(4, 10, classes=(7, 2)), [7, 7, 2, 2])
   np.testing.assert_array_equal(generate.class_labels(5, 1000), [0, 250, 500, 749, 999])  # one each, spread
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Clipping (space.clips_x0), diffusers' sampling settings from the config, and the names of sampling settings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _ConstantX0:
+  """A 'model' (prediction 'x0') whose x0 is 3.0 everywhere: outside the pixels' [-1, 1], as latents often are."""
+
+  def apply(self, variables, x, t, y):
+    return jnp.full_like(x, 3.0)
+
+
+def test_latent_samples_are_not_clipped_and_pixel_samples_are():
+  """space.clips_x0 decides: pixel samples are clipped to [-1, 1] (x0 = 3 gives 1), latents are not (3 stays 3).
+  The decoder x / 4 brings both into the uint8 range, so the images show the sample: 1 / 4 or 3 / 4."""
+  decoder = space.Decoder(lambda variables, x: x / 4.0, {})
+  labels = generate.class_labels(8, NUM_CLASSES)
+  drawn = {}
+  for vae in ("", "sd"):
+    config = _config(batch_size=8, guidance_scale=1.0)
+    config.diffusion.prediction = "x0"
+    config.latent.vae = vae
+    assert space.clips_x0(config) == (vae == "")
+    gen = generate.Generator(config, _ConstantX0(), diffusion.Schedule("cosine", 0, True), SHAPE, _mesh(8),
+                             decoder=decoder)
+    _, drawn[vae] = _draw(gen, {}, labels)
+  np.testing.assert_array_equal(drawn[""], images.to_uint8(np.full((len(labels),) + SHAPE, 0.25)))
+  np.testing.assert_array_equal(drawn["sd"], images.to_uint8(np.full((len(labels),) + SHAPE, 0.75)))
+
+
+RELEASED = scheduler_config.read_scheduler_config(
+    REPO / "tests" / "fixtures" / "scheduler_parity" / "released_zsnr_v_scheduler_config.json")
+
+
+class _RecordingModel:
+  """An analytic v-prediction 'model' (no params) that records every call's (t, x_t) on the host."""
+
+  def __init__(self):
+    self.calls = []
+
+  def denoise(self, x, t, y):
+    jax.debug.callback(lambda t, x: self.calls.append((np.asarray(t), np.asarray(x))), t, x, ordered=True)
+    return jnp.tanh(0.3 * x) * t.reshape((-1,) + (1,) * (x.ndim - 1)) + 0.1 * jnp.sin(x) - 0.05
+
+  def apply(self, variables, x, t, y):
+    return self.denoise(x, t, y)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_released_scheduler_settings_in_a_config_sample_as_the_direct_call(sampler):
+  """The paper's released models' scheduler_config.json read into the latent config: it validates, agrees with the
+  file (scheduler_config.check_config), and the Generator walks exactly the trajectory of samplers.sample called
+  with those settings directly (no clipping: latents), calling the model at diffusers' timesteps."""
+  settings = scheduler_config.settings_from_scheduler_config(RELEASED, sampler)
+  config = load_config("imagenet256_latent")
+  config_tree.set_values(config, dict(settings, **{"sample.sampler": sampler, "sample.steps": 7,
+                                                   "sample.guidance_scale": 1.0, "sample.batch_size": 8}))
+  validation.validate(config)
+  assert scheduler_config.check_config(config, RELEASED) == []
+  schedule = diffusion.schedule_from_config(config.diffusion)
+  assert schedule == diffusion.Schedule("scaled_linear", 1000, True, "first_timestep")
+  labels = generate.class_labels(8, config.model.num_classes)
+  model = _RecordingModel()
+  # One device: ordered callbacks (the order of the model's calls) need a single-device program.
+  gen = generate.Generator(config, model, schedule, SHAPE, _mesh(1), decoder=space.Decoder(lambda v, x: x / 4.0, {}))
+  _, drawn = _draw(gen, {}, labels, seed=5)
+  through_generator, model.calls = model.calls, []
+  direct = lambda **kwargs: samplers.sample(model.denoise, schedule, "v", jax.random.key(5), jnp.asarray(labels),
+                                            SHAPE, sampler=sampler, num_steps=7, clip_x0=False, **kwargs)
+  x = direct(timestep_spacing=settings["sample.timestep_spacing"], steps_offset=settings.get("sample.steps_offset", 0),
+             final_step=settings["sample.final_step"])
+  direct_calls, model.calls = model.calls, []
+  assert len(through_generator) == len(direct_calls) == 7
+  k = samplers.diffusers_timesteps(sampler, 7, 1000, "trailing")
+  for (t_gen, x_gen), (t_direct, x_direct), k_i in zip(through_generator, direct_calls, k):
+    np.testing.assert_array_equal(t_gen, t_direct)
+    assert np.all(np.round(t_direct * 1000) - 1 == k_i)
+    np.testing.assert_allclose(x_gen, x_direct, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(x)).max() > 1  # unclipped
+  assert np.abs(images.to_uint8(np.asarray(x) / 4.0).astype(int) - drawn).max() <= 1
+  # The settings matter here: the project's grid (the same timesteps at 7 steps) walks another trajectory.
+  direct()
+  assert max(np.abs(a - b).max() for (_, a), (_, b) in zip(model.calls, direct_calls)) > 1e-4
+
+
+def test_sampling_names_stay_as_they_were_for_the_defaults_and_differ_otherwise():
+  config = config_base.get_config()
+  assert generate.sampling_name(config) == "ddim50_cfg1"
+  config.sample.guidance_scale, config.sample.guidance_rescale = 2.0, 0.7
+  config.sample.guidance_interval = (0.2, 0.8)
+  assert generate.sampling_name(config) == "ddim50_cfg2_rescale0.7_interval0.2-0.8"
+  assert evaluate.setting_name(config) == "ddim50_cfg2_rescale0.7_interval0.2-0.8_n1000_seed1"
+  names = {generate.sampling_name(config)}
+  for key, value in (("sample.timestep_spacing", "trailing"), ("sample.timestep_spacing", "linspace"),
+                     ("sample.timestep_spacing", "leading"), ("sample.steps_offset", 1),
+                     ("sample.final_step", "first_timestep"), ("diffusion.zero_snr_anchor", "first_timestep")):
+    config_tree.set_values(config, {key: value})  # cumulative: each name differs from every earlier one
+    name = generate.sampling_name(config)
+    assert name.startswith("ddim50_cfg2_rescale0.7_interval0.2-0.8_") and name not in names, (key, name)
+    names.add(name)
+  assert name == ("ddim50_cfg2_rescale0.7_interval0.2-0.8_leading_offset1_final-first_timestep"
+                  "_anchor-first_timestep")
+  # steps_offset moves the 'leading' timesteps only: with another spacing the samples, and so the name, are the same.
+  config.sample.timestep_spacing = "trailing"
+  assert "offset" not in generate.sampling_name(config)

@@ -69,7 +69,7 @@ def _run(case, **overrides):
 
   x = samplers.sample(denoise, _schedule(settings), settings["diffusion.prediction"], jax.random.key(0),
                       jnp.zeros((x_T.shape[0],), jnp.int32), x_T.shape[1:], sampler=SAMPLER[CASES[case]["scheduler"]],
-                      num_steps=CASES[case]["steps"], clip_x0=settings.get("sample.clip_x0", False),
+                      num_steps=CASES[case]["steps"], clip_x0=False,  # latents: space.clips_x0 is False
                       timestep_spacing=settings.get("sample.timestep_spacing", "project"),
                       steps_offset=settings.get("sample.steps_offset", 0),
                       final_step=settings.get("sample.final_step", "clean"), initial_noise=x_T)
@@ -255,9 +255,9 @@ def test_released_models_settings():
   DPM-Solver++(2M) as DPMSolverMultistepScheduler.from_config(it) with its defaults (final_sigmas_type 'zero')."""
   read = scheduler_config.settings_from_scheduler_config
   assert read(RELEASED, "ddim") == dict(RELEASED_DIFFUSION, **{
-      "sample.timestep_spacing": "trailing", "sample.final_step": "first_timestep", "sample.clip_x0": False})
+      "sample.timestep_spacing": "trailing", "sample.final_step": "first_timestep"})
   assert read(RELEASED, "dpmpp_2m") == dict(RELEASED_DIFFUSION, **{
-      "sample.timestep_spacing": "trailing", "sample.final_step": "clean", "sample.clip_x0": False})
+      "sample.timestep_spacing": "trailing", "sample.final_step": "clean"})
   for sampler in (None, "heun", "ddpm"):  # no diffusers counterpart: the diffusion settings alone
     assert read(RELEASED, sampler) == RELEASED_DIFFUSION
 
@@ -267,10 +267,9 @@ def test_sd21_base_settings():
   'linspace'; with an explicit 'leading' both lead."""
   read = scheduler_config.settings_from_scheduler_config
   assert read(SD21_BASE, "ddim") == dict(SD21_DIFFUSION, **{
-      "sample.timestep_spacing": "leading", "sample.steps_offset": 1, "sample.final_step": "first_timestep",
-      "sample.clip_x0": False})
+      "sample.timestep_spacing": "leading", "sample.steps_offset": 1, "sample.final_step": "first_timestep"})
   assert read(SD21_BASE, "dpmpp_2m") == dict(SD21_DIFFUSION, **{
-      "sample.timestep_spacing": "linspace", "sample.final_step": "clean", "sample.clip_x0": False})
+      "sample.timestep_spacing": "linspace", "sample.final_step": "clean"})
   leading = dict(SD21_BASE, timestep_spacing="leading")
   assert read(leading, "dpmpp_2m")["sample.timestep_spacing"] == "leading"
   assert read(leading, "dpmpp_2m")["sample.steps_offset"] == 1
@@ -342,10 +341,11 @@ def test_read_scheduler_config(tmp_path):
 
 
 def _config(sampler="ddim", **values):
-  """The base config with the released models' settings; `values` (dotted keys, also keys config_base lacks) on
-  top."""
+  """The base config in SD's latent space with the released models' settings; `values` (dotted keys, also keys
+  config_base lacks) on top."""
   config = config_base.get_config()
   config.sample.sampler = sampler
+  config.latent.vae = "sd"
   settings = scheduler_config.settings_from_scheduler_config(RELEASED, sampler)
   settings.update(values)
   with config.unlocked():
@@ -380,16 +380,24 @@ def test_each_disagreement_is_one_line_naming_both_values():
 
 
 def test_keys_the_config_lacks_count_as_the_code_behaves_without_them():
-  """The base config (no zero_snr_anchor / timestep_spacing / final_step / clip_x0 keys yet) against the released
-  config: every setting that differs is named, the missing keys with the code's behaviour."""
+  """The base config (pixel space, which clips x0) against the released config: every setting that differs is
+  named; the same for a config without the keys added for diffusers' settings (one of before them), whose missing
+  keys count as the code's behaviour."""
   config = config_base.get_config()
   config.sample.sampler = "ddim"
+  expected = sorted(["diffusion.schedule", "diffusion.timesteps", "diffusion.zero_terminal_snr",
+                     "diffusion.zero_snr_anchor", "sample.timestep_spacing", "sample.final_step", "latent.vae"])
   lines = scheduler_config.check_config(config, RELEASED, "s.json")
-  keys = sorted(line.split("=")[0] for line in lines)
-  assert keys == sorted(["diffusion.schedule", "diffusion.timesteps", "diffusion.zero_terminal_snr",
-                         "diffusion.zero_snr_anchor", "sample.timestep_spacing", "sample.final_step",
-                         "sample.clip_x0"])
-  assert "sample.clip_x0=True but s.json says clip_sample=False" in "\n".join(lines)
+  assert sorted(line.split("=")[0] for line in lines) == expected
+  assert "latent.vae='' (pixel space: x0 is clipped to [-1, 1]) but s.json says clip_sample=False" in "\n".join(lines)
+  older = config.to_dict()
+  for key in scheduler_config.CONFIG_DEFAULTS:
+    section, leaf = key.split(".")
+    del older[section][leaf]
+  del older["latent"]
+  assert scheduler_config.check_config(older, RELEASED, "s.json") == lines
+  dpm = scheduler_config.check_config(dict(older, sample=dict(older["sample"], sampler="dpmpp_2m")), RELEASED, "s.json")
+  assert "s.json says no thresholding (so DPMSolverMultistepScheduler's default False)" in dpm[-1]
 
 
 def test_samplers_without_counterpart_check_the_diffusion_settings_only():

@@ -24,7 +24,7 @@ FEATURES = ("digits", "inception")
 def setting_name(config) -> str:
   """A key per evaluation setting (the sampling setting, the sample count and seed), so results of different
   settings never overwrite each other."""
-  return f"{generate.sampling_name(config.sample)}_n{config.eval.num_samples}_seed{config.eval.seed}"
+  return f"{generate.sampling_name(config)}_n{config.eval.num_samples}_seed{config.eval.seed}"
 
 
 def make_feature_network(features: str, cache_dir: str | None = None, inception_weights: str = ""):
@@ -137,8 +137,11 @@ def score(images, labels, network, reference: np.ndarray, class_scores: bool = T
 def score_features(feats, logits, labels, reference: np.ndarray, class_scores: bool = True) -> dict:
   """Metrics of samples' features and logits, with their requested labels, against reference features.
 
-  The class accuracy and confidence read the network's logits as class scores: meaningful for the digits
-  classifier, not for Inception (whose 1008 classes are not the data set's)."""
+  The class scores read the network's logits as class scores: meaningful for the digits classifier, not for
+  Inception (whose 1008 classes are not the data set's). With labels (conditional samples): the class accuracy and
+  the mean probability of the requested class. Without (labels None: unconditional samples): the mean probability
+  of the most likely class (how surely each sample reads as some class: a realism signal) and the class balance,
+  the entropy of the predicted classes' histogram over log(number of classes) (1: every class equally often)."""
   feats, logits = np.asarray(feats, np.float64), np.asarray(logits, np.float64)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
@@ -146,19 +149,23 @@ def score_features(feats, logits, labels, reference: np.ndarray, class_scores: b
   # Samples come sorted by class; IS splits must each see the class mix, as a random sample order would.
   order = np.random.default_rng(0).permutation(len(logits))
   is_mean, is_std = metrics.inception_score(logits=logits[order], splits=min(10, len(logits)))
-  labels = np.asarray(labels)
   result = {
       "fid": metrics.fid_from_features(reference, feats),
       "inception_score": is_mean,
       "inception_score_std": is_std,
       "precision": precision,
       "recall": recall,
-      "class_accuracy": float(np.mean(np.argmax(logits, -1) == labels)),
-      "class_confidence": float(np.mean(probs[np.arange(len(labels)), labels])),
       "num_samples": int(len(logits)),
   }
-  if not class_scores:
-    del result["class_accuracy"], result["class_confidence"]
+  if class_scores and labels is not None:
+    labels = np.asarray(labels)
+    result["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == labels))
+    result["class_confidence"] = float(np.mean(probs[np.arange(len(labels)), labels]))
+  elif class_scores:
+    counts = np.bincount(np.argmax(logits, -1), minlength=logits.shape[-1]) / len(logits)
+    entropy = -np.sum(counts[counts > 0] * np.log(counts[counts > 0]))
+    result["class_confidence"] = float(np.mean(probs.max(-1)))
+    result["class_balance"] = float(entropy / np.log(logits.shape[-1]))
   return result
 
 
@@ -233,13 +240,15 @@ class Evaluator:
       return None
     feats = np.concatenate([c["features"] for c in done_chunks])
     logits = np.concatenate([c["logits"] for c in done_chunks])
-    result = score_features(feats, logits, labels, self.reference, class_scores=cfg.eval.features == "digits")
+    labelled = self.generator.labelled
+    result = score_features(feats, logits, labels if labelled else None, self.reference,
+                            class_scores=cfg.eval.features == "digits")
     s = cfg.sample
     result.update(step=step, sampler=s.sampler, sample_steps=s.steps, guidance_scale=s.guidance_scale,
                   guidance_rescale=s.guidance_rescale, features=cfg.eval.features)
     if cfg.eval.save_samples:
       writer = images.NpzStreamWriter(fileio.join(self.eval_dir, f"samples_step_{step}_{setting}.npz"),
-                                      self.generator.image_shape, labels)
+                                      self.generator.image_shape, labels if labelled else None, len(labels))
       for c in done_chunks:
         with fileio.load_npz(c["path"]) as f:
           writer.write(f["images"])

@@ -103,7 +103,7 @@ class UNet(nn.Module):
   num_heads: int = 4
   head_channels: int = 0  # > 0: heads of this many channels each, overriding num_heads
   dropout: float = 0.0
-  num_classes: int = 10
+  num_classes: int = 10  # classes embedded, plus the null class; 0: unconditional (no class embedding)
   out_channels: int = 1
   dtype: Any = jnp.float32
   remat: bool = False  # recompute each block's activations in the backward pass (memory for time)
@@ -134,7 +134,8 @@ class UNet(nn.Module):
     emb = timestep_embedding(t, self.base_channels)
     emb = nn.Dense(emb_dim, dtype=self.dtype, name="time_mlp_0")(emb)
     emb = nn.Dense(emb_dim, dtype=self.dtype, name="time_mlp_1")(nn.silu(emb))
-    emb = emb + nn.Embed(self.num_classes + 1, emb_dim, name="class_embed")(y).astype(emb.dtype)
+    if self.num_classes:  # 0: unconditional, y reaches nothing
+      emb = emb + nn.Embed(self.num_classes + 1, emb_dim, name="class_embed")(y).astype(emb.dtype)
 
     h = nn.Conv(self.base_channels, (3, 3), dtype=self.dtype, name="in_conv")(x.astype(self.dtype))
     skips = [h]
@@ -176,7 +177,9 @@ class UNet(nn.Module):
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype, checked in validation
 
 
-def unet_from_config(model_cfg, out_channels: int) -> UNet:
+def unet_from_config(model_cfg, out_channels: int, num_classes: int | None = None) -> UNet:
+  """The config's U-Net; num_classes: conditioning.Conditioning.model_classes (0: unconditional; None: the model
+  section's num_classes)."""
   return UNet(
       base_channels=model_cfg.base_channels,
       channel_mult=tuple(model_cfg.channel_mult),
@@ -185,7 +188,7 @@ def unet_from_config(model_cfg, out_channels: int) -> UNet:
       num_heads=model_cfg.num_heads,
       head_channels=int(model_cfg.head_channels),
       dropout=model_cfg.dropout,
-      num_classes=model_cfg.num_classes,
+      num_classes=model_cfg.num_classes if num_classes is None else int(num_classes),
       out_channels=out_channels,
       dtype=DTYPES[model_cfg.dtype],
       remat=bool(model_cfg.remat),
