@@ -5,9 +5,10 @@
   python -m selfperc_jax.main --config=configs/digits.py:mse --workdir=workdirs/digits_mse   # the MSE baseline
 
 The default follows the paper's recipe in one run: plain MSE pre-training until `perceptual.start_step`, at which
-point the perceptual copy is taken from the sampling EMA (the "released" MSE model) and frozen, then training on the
-self-perceptual feature distance alone (`perceptual.mse_weight=0`). It is the base config itself
-(selfperc_jax/config_base.py, where every key is documented); this file holds its variants.
+point the perceptual copy is taken from the sampling EMA (the "released" MSE model) and frozen, and the online params
+start again from that same EMA, then training on the self-perceptual feature distance alone
+(`perceptual.mse_weight=0`), fine-tuned as `finetune.*` says (the same recipe as the comparison's branches). It is
+the base config itself (selfperc_jax/config_base.py, where every key is documented); this file holds its variants.
 
 Arguments: '' (default), 'tiny', 'mse' (MSE only), 'small' (half the channels, half the total steps: 600 + 600
 instead of 1400 + 1000; a harder setting for the comparison, where the pre-trained model is further from converged),

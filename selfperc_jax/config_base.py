@@ -41,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   # A checkpoint without its checksums (no fingerprint/ folder) cannot be verified and is treated as corrupt
   # (passed over for an older one and moved to checkpoints_corrupt/); True trusts such checkpoints.
   config.trust_unverified_checkpoints = False
-  # A workdir (or its checkpoints/ folder) whose latest params start this run, e.g. an MSE-pretrained model.
+  # A workdir (or its checkpoints/ folder) whose latest checkpoint starts this run, e.g. an MSE-pretrained model: the
+  # run is then a fine-tuning run, and what it takes from there is finetune.*'s to say.
   config.init_from = ""
 
   config.data = ml_collections.ConfigDict()
@@ -99,7 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.perceptual = ml_collections.ConfigDict()  # the self-perceptual term and its stop-gradient copy
   config.perceptual.weight = 1.0  # 0: plain MSE training throughout (no copy is kept)
-  config.perceptual.start_step = 1400  # steps before it train with plain MSE (the pre-training phase)
+  # Steps before it train with plain MSE (the pre-training phase); the run fine-tunes from it on (finetune.*).
+  config.perceptual.start_step = 1400
   # The MSE term's weight from start_step on: 0 trains on the feature distance alone, as the paper fine-tunes.
   config.perceptual.mse_weight = 0.0
   config.perceptual.ramp_steps = 0  # linear ramp of the perceptual weight after the start step
@@ -119,12 +121,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.perceptual.t_prime_max = 1.0
 
   config.sampling_ema = ml_collections.ConfigDict()  # the params that sampling and evaluation use
-  config.sampling_ema.decay = 0.999  # warm-up: the decay at step s is min(decay, (1 + s) / (10 + s))
+  # Warmed up: the decay at step s is min(decay, (1 + s) / (10 + s)); from a fine-tuning's start, finetune.sampling_ema.
+  config.sampling_ema.decay = 0.999
 
   config.optimizer = ml_collections.ConfigDict()  # AdamW
+  # The training before any fine-tuning (finetune.*): a run that fine-tunes from perceptual.start_step on uses this
+  # schedule over its first start_step steps (as the comparison's pre-training stage does), any other run without
+  # init_from over its total_steps.
   config.optimizer.learning_rate = 1e-3  # the peak, reached after warm-up
   config.optimizer.warmup_steps = 200  # linear from 0
-  config.optimizer.decay = "cosine"  # cosine (to 0 at total_steps) | constant, after warm-up
+  config.optimizer.decay = "cosine"  # cosine (to 0 at the schedule's end) | constant, after warm-up
   config.optimizer.weight_decay = 0.0  # AdamW's decoupled weight decay
   config.optimizer.b1 = 0.9  # Adam's moment decays
   config.optimizer.b2 = 0.99
@@ -132,6 +138,37 @@ def get_config() -> ml_collections.ConfigDict:
   # > 1: each step's batch is processed as this many micro-batches whose gradients are averaged before the one
   # update (the same update as the full batch; activation memory of one micro-batch).
   config.optimizer.accumulate_steps = 1
+
+  # The fine-tuning recipe, fixed for a run's life (a resumed run keeps the one its checkpoint recorded). It applies
+  # to a run with init_from (all of it is fine-tuning: the comparison's branches) and to a run that pre-trains with
+  # MSE and trains the self-perceptual term from perceptual.start_step > 0 on (from that step, where the state
+  # changes once, before the step runs); a run from scratch without that switch has no fine-tuning.
+  config.finetune = ml_collections.ConfigDict()
+  # The online params at the fine-tuning's first step: 'ema' (the pre-trained sampling EMA, i.e. the released model,
+  # as the paper fine-tunes; with perceptual.copy_source='ema' the online params start equal to the copy) or
+  # 'online' (the pre-trained online params).
+  config.finetune.online_start = "ema"
+  # Adam's state at the fine-tuning's first step: 'carry' (the pre-training's moments and count; from init_from's
+  # checkpoint, which must have the same optimizer layout) or 'reset' (fresh). 'carry' is a choice, not the paper's
+  # (its released model comes without one): the optimizer goes on instead of starting again, and its moments are in
+  # place, so no new warm-up is needed.
+  config.finetune.optimizer_state = "carry"
+  # The sampling EMA from the fine-tuning's first step: 'carry' (it goes on from the pre-trained EMA at the full
+  # sampling_ema.decay, no new warm-up: after k steps the pre-trained EMA still weighs decay**k, 37 % after 1000 at
+  # 0.999), 'restart' (the warm-up min(decay, (1 + k) / (10 + k)) anew, k counting the fine-tuning's steps), or 'run'
+  # (the warm-up counts the run's own steps: a single run's goes on through the start step, an init_from run's
+  # starts again at its step 0). 'run' is a choice, not the paper's: the recipe before this section, kept as the
+  # default until the study (issue 25) measures the others.
+  config.finetune.sampling_ema = "run"
+  # The fine-tuning's learning rate: its peak (0: optimizer.learning_rate, the pre-training's), reached after
+  # finetune.warmup_steps linear from 0, then 'cosine' (to 0 at the last step) or 'constant' over the fine-tuning's
+  # steps; or 'run': no schedule of its own, optimizer.*'s over the run's total_steps (a single run's one schedule
+  # goes on through the start step; an init_from run warms up again to the peak; finetune.learning_rate and
+  # warmup_steps must then be 0). 'run' is a choice, not the paper's (whose fine-tuning schedule this project does
+  # not know): the recipe before this section, kept as the default until the study measures the others.
+  config.finetune.learning_rate = 0.0
+  config.finetune.warmup_steps = 0
+  config.finetune.decay = "run"
 
   config.sample = ml_collections.ConfigDict()  # the training-time sample grids; evaluation samples the same way
   config.sample.sampler = "ddim"  # ddim | ddpm | dpmpp_2m | heun

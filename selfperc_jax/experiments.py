@@ -4,12 +4,16 @@
 
 Stages, each in its own workdir under --workdir, each resumable (a killed comparison continues where it stopped, and
 a finished stage is never recomputed):
-  pretrain/          MSE for perceptual.start_step steps (the pre-trained model every branch starts from);
+  pretrain/          MSE for perceptual.start_step steps, optimizer.*'s schedule over them (the pre-trained model
+                     every branch starts from; the same as the MSE phase of the single run of the config);
   <branch>/          for each experiment.branches, total_steps - perceptual.start_step more steps from pretrain/'s
-                     checkpoint (init_from): 'mse' (the baseline), 'perceptual' (the feature distance alone against
-                     the frozen copy, the paper's setting), 'mse_perceptual' (both terms); also available:
-                     'perceptual_ema' / 'perceptual_online' (the paper's setting with the copy taken from the
-                     pre-trained sampling EMA / online params, to measure perceptual.copy_source);
+                     checkpoint (init_from), fine-tuned as finetune.* says, the same recipe for every branch (by
+                     default the online params and the copy from the pre-trained sampling EMA, its Adam state and
+                     sampling EMA carried on, the learning rate a cosine from optimizer.learning_rate without
+                     warm-up): 'mse' (the baseline), 'perceptual' (the feature distance alone against the frozen
+                     copy, the paper's setting), 'mse_perceptual' (both terms); also available: 'perceptual_ema' /
+                     'perceptual_online' (the paper's setting with the copy taken from the pre-trained sampling EMA /
+                     online params, to measure perceptual.copy_source);
   evaluation         every branch at every experiment.guidance_scales (eval.* settings and seeds, the same for all),
                      pretrain/ without guidance; results in <stage>/eval/step_<STEP>.json;
   grids/             sample grids of the branches side by side, one PNG per guidance scale (sample.* seeds);
@@ -50,6 +54,8 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     return config_tree.set_values(c, values)
 
   weight = float(p.weight) or 1.0  # an MSE-only config ('mse' argument) still compares the perceptual branches
+  # A branch is an init_from run of the rest of the steps: a fine-tuning run, whose recipe is finetune.*'s
+  # (step.learning_rate_fn, step.sampling_ema_schedule, resume._init_from), left as the config says.
   branch = dict(total_steps=total - start, init_from=fileio.join(workdir, PRETRAIN))
   stages = {PRETRAIN: derived(total_steps=start, init_from="", **{"perceptual.weight": 0.0})}
   overrides = {
@@ -62,6 +68,21 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   for name in config.experiment.branches:
     stages[name] = derived(**branch, **overrides[name])
   return stages
+
+
+def recipe(config: ml_collections.ConfigDict) -> str:
+  """The fine-tuning recipe of the branches in words (the report's preface)."""
+  f, o = config.finetune, config.optimizer
+  if f.decay == "run":
+    rate = (f"learning rate as optimizer.* over the branch's steps ({o.learning_rate:g} after {o.warmup_steps} "
+            f"warm-up steps, {o.decay})")
+  else:
+    rate = (f"learning rate {f.learning_rate or o.learning_rate:g}"
+            + (f" after {f.warmup_steps} warm-up steps" if f.warmup_steps else " without warm-up") + f", {f.decay}")
+  ema = {"carry": "carried on at its full decay", "restart": "warmed up anew", "run": "warmed up anew"}
+  online = "sampling EMA" if f.online_start == "ema" else "online params"
+  optimizer = "the pre-training's optimizer state" if f.optimizer_state == "carry" else "a fresh optimizer state"
+  return f"online params from the pre-trained {online}, {optimizer}, sampling EMA {ema[f.sampling_ema]}, {rate}"
 
 
 def eval_config(config: ml_collections.ConfigDict, guidance_scale: float) -> ml_collections.ConfigDict:
@@ -169,7 +190,7 @@ class Comparison:
         f"Command: `{self.command}`" if self.command else "",
         "",
         f"- Pre-training: MSE for {start} steps (`{PRETRAIN}/`); every branch continues from its checkpoint for "
-        f"{total - start} steps (`init_from`; fresh optimizer state and learning-rate warm-up in each branch).",
+        f"{total - start} steps (`init_from`), fine-tuned as `finetune.*` says: {recipe(c)}.",
         f"- Branches: {', '.join(report.title(b) for b in c.experiment.branches)}; the perceptual copy is the "
         f"pre-trained model's {c.perceptual.copy_source} params, frozen (copy_ema_decay "
         f"{c.perceptual.copy_ema_decay:g}); taps {', '.join(c.perceptual.taps)}; noise '{c.perceptual.noise}'.",

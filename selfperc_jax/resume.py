@@ -1,6 +1,7 @@
-"""Resuming: the state from the workdir's newest intact checkpoint, or a fresh one (optionally from init_from), and
-every rule of what may resume: the model's shape (SHAPE_KEYS), what the train state holds
-(STATE_LAYOUT_KEYS), corrupt checkpoints moved aside, changed config values recorded in config_history.jsonl."""
+"""Resuming: the state from the workdir's newest intact checkpoint, or a fresh one (optionally from init_from, as
+finetune.* says), and every rule of what may resume: the model's shape (SHAPE_KEYS), what the train state holds
+(STATE_LAYOUT_KEYS), the fine-tuning recipe the run began with (keep_recipe), corrupt checkpoints moved aside,
+changed config values recorded in config_history.jsonl."""
 
 from __future__ import annotations
 
@@ -24,7 +25,16 @@ ADDED_KEY_DEFAULTS = {"model.head_channels": 0, "model.attention": "auto", "opti
                       "latent.vae": "", "latent.channels": 0, "latent.block_out_channels": (),
                       "trust_unverified_checkpoints": False, "diffusion.zero_snr_anchor": "clean",
                       "sample.timestep_spacing": "project", "sample.steps_offset": 0, "sample.final_step": "clean",
-                      "condition": "class"}
+                      "condition": "class",
+                      # The recipe of before finetune.* existed, so that a run that predates it goes on as it began
+                      # (keep_recipe): one optimizer.* schedule and EMA warm-up over the run's steps, no change of
+                      # the state at the start step (online params and Adam's state as they are). (An init_from run
+                      # of then took the online params and a fresh Adam state, but at its start: once it has a
+                      # checkpoint, only the schedules still count.)
+                      "finetune.online_start": "online", "finetune.optimizer_state": "carry",
+                      "finetune.sampling_ema": "run", "finetune.learning_rate": 0.0, "finetune.warmup_steps": 0,
+                      "finetune.decay": "run"}
+RECIPE = "finetune"  # the config section that is the run's fine-tuning recipe, fixed for the run's life
 
 
 def open_latest(directory: str, trust_unverified: bool = False) -> tuple[checkpoint.Checkpointer | None, int | None]:
@@ -67,18 +77,74 @@ def _open_init_source(setup: Setup) -> tuple[checkpoint.Checkpointer, int]:
 
 
 def _init_from(setup: Setup, state, src: checkpoint.Checkpointer, step: int):
-  """Online params and the sampling EMA from another run's checkpoint; the copy from its perceptual.copy_source."""
-  target = {"params": setup.abstract_state.params, "ema_params": setup.abstract_state.ema_params}
+  """The state of a fine-tuning run from another run's checkpoint, as finetune.* say: the online params from its
+  sampling EMA ('ema') or its online params ('online'), the sampling EMA from its sampling EMA, Adam's state from its
+  own ('carry', checked to have this run's layout first) or fresh ('reset'); the copy from its
+  perceptual.copy_source."""
+  f, copy_source = setup.config.finetune, setup.config.perceptual.copy_source
+  carry = f.optimizer_state == "carry"
+  if carry:
+    _check_optimizer_layout(setup, src, step)
+  target = {"ema_params": setup.abstract_state.ema_params}
+  if f.online_start == "online" or (state.perceptual_params is not None and copy_source == "online"):
+    target["params"] = setup.abstract_state.params
+  if carry:
+    target["opt_state"] = setup.abstract_state.opt_state
   restored, _ = src.restore(step, target, partial=True)
   src.close()
+  own = lambda tree: jax.tree.map(lambda x: x.copy(), tree)  # its own buffers: the step donates every array
+  params = own(restored["ema_params"]) if f.online_start == "ema" else restored["params"]
   copy = None
   if state.perceptual_params is not None:
-    source = restored["ema_params" if setup.config.perceptual.copy_source == "ema" else "params"]
-    copy = jax.tree.map(lambda x: x.copy(), source)  # its own buffers: the step donates every array of the state
-  print(f"initialised from {src.directory} (step {step})"
-        + (f"; the perceptual copy from its {setup.config.perceptual.copy_source} params" if copy is not None else ""),
-        flush=True)
-  return state.replace(params=restored["params"], ema_params=restored["ema_params"], perceptual_params=copy)
+    copy = own(restored["ema_params" if copy_source == "ema" else "params"])
+  print(f"initialised from {src.directory} (step {step}): the online params from its "
+        f"{'sampling EMA' if f.online_start == 'ema' else 'online params'}, "
+        f"{'its optimizer state' if carry else 'a fresh optimizer state'}"
+        + (f", the perceptual copy from its {copy_source} params" if copy is not None else ""), flush=True)
+  return state.replace(params=params, ema_params=restored["ema_params"], perceptual_params=copy,
+                       opt_state=restored["opt_state"] if carry else state.opt_state)
+
+
+def _check_optimizer_layout(setup: Setup, src: checkpoint.Checkpointer, step: int) -> None:
+  """Refuses to carry init_from's optimizer state over when its layout is not this run's (e.g. one run clips the
+  gradient and the other does not), naming the keys and the fix."""
+  saved = src.restore_config(step)
+  then = ml_collections.ConfigDict(setup.config.to_dict())  # this config with the source's optimizer.* values
+  optimizer = {f"optimizer.{k}": v for k, v in (saved.get("optimizer") or {}).items() if k in then.optimizer}
+  config_tree.set_values(then, optimizer)
+  tx_then, _ = step_lib.make_optimizer(then)
+  layout_then = jax.eval_shape(tx_then.init, setup.abstract_state.params)
+  if jax.tree.structure(layout_then) != jax.tree.structure(setup.abstract_state.opt_state):
+    keys = ", ".join(f"{k}={v!r} (now {config_tree.lookup(setup.config, k)!r})" for k, v in optimizer.items()
+                     if v != config_tree.lookup(setup.config, k)) or "another optimizer"
+    raise CheckpointError(
+        f"finetune.optimizer_state='carry' takes Adam's state from init_from={setup.config.init_from!r}, but its "
+        f"checkpoint (step {step}) was trained with {keys}, so its optimizer state has another layout. Use the same "
+        "value(s), or --config.finetune.optimizer_state=reset to start with a fresh optimizer state.")
+
+
+def recorded_recipe(saved: dict) -> dict:
+  """{finetune key: value} as a checkpoint's config recorded them (keys it predates: ADDED_KEY_DEFAULTS, the recipe
+  of before the section)."""
+  section = saved.get(RECIPE) or {}
+  prefix = RECIPE + "."
+  return {k[len(prefix):]: section.get(k[len(prefix):], v) for k, v in ADDED_KEY_DEFAULTS.items()
+          if k.startswith(prefix)}
+
+
+def keep_recipe(setup: Setup, saved: dict, step: int) -> None:
+  """A resumed run goes on with the fine-tuning recipe it began with (its checkpoint's finetune.*), whatever the
+  config says now: a recipe that changed mid-run would be neither. A config that says otherwise is told so."""
+  recorded = recorded_recipe(saved)
+  differ = {k: (v, setup.config[RECIPE][k]) for k, v in recorded.items() if v != setup.config[RECIPE][k]}
+  if not differ:
+    return
+  setup.keep_recipe(recorded)
+  values = ", ".join(f"{RECIPE}.{k}={a!r} (this config: {b!r})" for k, (a, b) in differ.items())
+  why = (" (its checkpoint predates finetune.*: the recipe of before, as resume.ADDED_KEY_DEFAULTS says)"
+         if RECIPE not in saved else "")
+  print(f"the run goes on with the fine-tuning recipe it began with{why}: {values}; another recipe needs a new "
+        "--workdir (e.g. with --config.init_from=<this workdir>)", flush=True)
 
 
 def _flatten(prefix: str, value) -> dict:
@@ -201,7 +267,9 @@ def _record_config_change(workdir: str, step: int, changed: dict) -> None:
 def _restore(setup: Setup, ckpt: checkpoint.Checkpointer, step: int):
   """(state, data state, changed config values) of one step, after the config checks."""
   check_compatible(ckpt, step, setup.config, "the workdir's checkpoint")
-  changed = check_resume_config(setup, ckpt.restore_config(step), step)
+  saved = ckpt.restore_config(step)
+  keep_recipe(setup, saved, step)
+  changed = check_resume_config(setup, saved, step)
   state, data_state = ckpt.restore(step, setup.abstract_state)
   return state, data_state, changed
 

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from selfperc_jax import (checkpoint, conditioning, diffusion, fileio, flops, generate, input_pipeline, sharding,
-                          space, step as step_lib, validation)
+from selfperc_jax import (checkpoint, conditioning, config_tree, diffusion, fileio, flops, generate, input_pipeline,
+                          sharding, space, step as step_lib, validation)
 from selfperc_jax.evaluation import evaluate
 from selfperc_jax.models import unet
 
@@ -38,15 +38,37 @@ class Setup:
     self.state_sharding = sharding.state_shardings(self.mesh, abstract_state, config.mesh.fsdp_min_size)
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_sharding)
-    self._step_fns, self._step_flops, self._decoder = {}, {}, None
+    self._step_fns, self._step_flops, self._decoder, self._transition = {}, {}, None, None
 
   def step_fn(self, step: int):
     """The jitted train step for 0-based step `step`: one compilation per phase (MSE pre-training, perceptual)."""
     phase = step_lib.perceptual_phase(self.config, step)
     if phase not in self._step_fns:
-      fn = step_lib.make_train_step(self.config, self.model, self.schedule, self.tx, phase=phase)
+      fn = step_lib.make_train_step(self.config, self.model, self.schedule, self.tx, phase=phase,
+                                    learning_rate=self.lr_schedule)
       self._step_fns[phase] = sharding.jit_train_step(fn, self.mesh, self.state_sharding)
     return self._step_fns[phase]
+
+  def start_fine_tuning(self, state, step: int):
+    """The state to run 0-based step `step` from: at a single run's fine-tuning start (step.transition_step) the
+    fine-tuning's (step.start_fine_tuning, jitted with the state donated), applied once, before that step; at any
+    other step the state as it is. So a run resumed at any step, before, at or after the start, is the same run."""
+    if step != step_lib.transition_step(self.config):
+      return state
+    if self._transition is None:
+      self._transition = jax.jit(lambda s: step_lib.start_fine_tuning(self.config, self.tx, s),
+                                 in_shardings=(self.state_sharding,), out_shardings=self.state_sharding,
+                                 donate_argnums=0)
+    return self._transition(state)
+
+  def keep_recipe(self, values: dict) -> None:
+    """Takes finetune.* from `values` (the recipe a resumed run began with) instead of the config's: self.config
+    becomes a copy with them (the caller's config is not changed), and what is built from them is built again."""
+    config = ml_collections.ConfigDict(self.config.to_dict())
+    config_tree.set_values(config, {f"finetune.{k}": v for k, v in values.items()})
+    self.config = config
+    _, self.lr_schedule = step_lib.make_optimizer(config)  # (the optimizer itself does not depend on the recipe)
+    self._step_fns, self._step_flops, self._transition = {}, {}, None
 
   def abstract_batch(self) -> dict:
     """The global training batch's shapes, dtypes and sharding (for lowering the step without data)."""

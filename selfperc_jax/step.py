@@ -37,23 +37,75 @@ def perceptual_phase(config, step: int) -> bool:
   return has_perceptual(config) and step >= config.perceptual.start_step
 
 
-def learning_rate_schedule(opt_cfg, total_steps: int):
-  warmup = optax.linear_schedule(0.0, opt_cfg.learning_rate, max(opt_cfg.warmup_steps, 1))
-  if opt_cfg.decay == "constant":
-    after = optax.constant_schedule(opt_cfg.learning_rate)
-  elif opt_cfg.decay == "cosine":
-    after = optax.cosine_decay_schedule(opt_cfg.learning_rate, max(total_steps - opt_cfg.warmup_steps, 1))
+def fine_tuning_start(config) -> int | None:
+  """The 0-based step where the run's fine-tuning (finetune.*) begins: 0 for a run with init_from (all of it is
+  fine-tuning), perceptual.start_step for a run that pre-trains with MSE and trains the self-perceptual term from
+  that step on (start_step > 0), None for a run without fine-tuning (from scratch, with no such switch)."""
+  if config.init_from:
+    return 0
+  if has_perceptual(config) and int(config.perceptual.start_step) > 0:
+    return int(config.perceptual.start_step)
+  return None
+
+
+def transition_step(config) -> int | None:
+  """The step before which the state changes, once, into the fine-tuning's (`start_fine_tuning`): a single run's
+  fine-tuning start; None for an init_from run (its state is made so when it is initialised, resume._init_from) and
+  for a run without fine-tuning."""
+  return fine_tuning_start(config) or None
+
+
+def start_fine_tuning(config, tx, state: TrainState) -> TrainState:
+  """The state at the fine-tuning's first step, from the pre-trained state (pure): the online params from the
+  sampling EMA with finetune.online_start='ema', a fresh optimizer state with finetune.optimizer_state='reset'; the
+  sampling EMA, the copy and the step as they are."""
+  f = config.finetune
+  params = jax.tree.map(jnp.copy, state.ema_params) if f.online_start == "ema" else state.params
+  opt_state = tx.init(params) if f.optimizer_state == "reset" else state.opt_state
+  return state.replace(params=params, opt_state=opt_state)
+
+
+def warmup_then_decay(peak: float, warmup_steps: int, decay: str, steps: int):
+  """Linear from 0 to `peak` over warmup_steps, then 'constant' or 'cosine' (to 0 at `steps`)."""
+  warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
+  if decay == "constant":
+    after = optax.constant_schedule(peak)
+  elif decay == "cosine":
+    after = optax.cosine_decay_schedule(peak, max(steps - warmup_steps, 1))
   else:
-    raise ValueError(f"optimizer.decay={opt_cfg.decay!r} is not known; choose 'cosine' or 'constant'.")
-  return optax.join_schedules([warmup, after], [opt_cfg.warmup_steps])
+    raise ValueError(f"decay={decay!r} is not known; choose 'cosine' or 'constant'.")
+  return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def learning_rate_schedule(opt_cfg, total_steps: int):
+  """optimizer.*'s schedule over total_steps."""
+  return warmup_then_decay(opt_cfg.learning_rate, opt_cfg.warmup_steps, opt_cfg.decay, total_steps)
+
+
+def learning_rate_fn(config):
+  """The learning rate at (0-based) step s of the run, a function of s: without fine-tuning (or with
+  finetune.decay='run') optimizer.*'s schedule over total_steps; an init_from run finetune.*'s over its total_steps;
+  a single run optimizer.*'s over its first perceptual.start_step steps (the comparison's pre-training stage), then
+  finetune.*'s over the rest."""
+  f, start = config.finetune, fine_tuning_start(config)
+  if start is None or f.decay == "run":
+    return learning_rate_schedule(config.optimizer, config.total_steps)
+  tune = warmup_then_decay(f.learning_rate or config.optimizer.learning_rate, f.warmup_steps, f.decay,
+                           config.total_steps - start)
+  if start == 0:
+    return tune
+  return optax.join_schedules([learning_rate_schedule(config.optimizer, start), tune], [start])
 
 
 def make_optimizer(config):
+  """(tx, learning_rate): AdamW at a unit learning rate, and the run's learning rate as a function of the step
+  (`learning_rate_fn`), which the step multiplies tx's updates by, so that it follows the state's step and not the
+  optimizer's count (which finetune.optimizer_state='reset' starts again). The same updates as AdamW at that rate;
+  the optimizer state has the layout of optax.adamw with a schedule."""
   opt = config.optimizer
-  lr = learning_rate_schedule(opt, config.total_steps)
   parts = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip > 0 else []
-  parts.append(optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay))
-  return optax.chain(*parts), lr
+  parts.append(optax.adamw(optax.constant_schedule(1.0), b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay))
+  return optax.chain(*parts), learning_rate_fn(config)
 
 
 def init_state(config, model: nn.Module, tx, key, image_shape) -> TrainState:
@@ -79,6 +131,19 @@ def perceptual_weight(p_cfg, step):
 def sampling_ema_decay(decay, step):
   """The sampling EMA's decay at (0-based) step `step`: warmed up as min(decay, (1 + step) / (10 + step))."""
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def sampling_ema_schedule(config):
+  """The sampling EMA's decay at (0-based) step s of the run, a function of s: warmed up over the run's steps
+  (`sampling_ema_decay`) until the fine-tuning's start; from there the full sampling_ema.decay
+  (finetune.sampling_ema='carry') or the warm-up anew ('restart'); 'run', or a run without fine-tuning, warms up
+  over the run's steps throughout."""
+  decay, start, mode = config.sampling_ema.decay, fine_tuning_start(config), config.finetune.sampling_ema
+  if start is None or mode == "run":
+    return lambda s: sampling_ema_decay(decay, s)
+  if mode == "carry":
+    return lambda s: jnp.where(s >= start, decay, sampling_ema_decay(decay, s))
+  return lambda s: sampling_ema_decay(decay, jnp.where(s >= start, s - start, s))
 
 
 def _ema(decay, old, new):
@@ -107,8 +172,12 @@ def _accumulated(grad_fn, params, examples, dropout_key, n: int):
   return jax.tree.map(lambda x: x / n, total)
 
 
-def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, phase: bool):
+def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, phase: bool, learning_rate=None):
   """Builds `train_step(state, batch, base_key) -> (state, metrics)`; batch = {'image': NHWC in [-1,1], 'label'}.
+
+  tx's updates are multiplied by learning_rate(state.step) (default `learning_rate_fn(config)`; see
+  `make_optimizer`), and the sampling EMA's decay is `sampling_ema_schedule(config)`'s. The state change at a single
+  run's fine-tuning start (`start_fine_tuning`) is not the step's: the loop applies it before the step.
 
   There is one step function per phase, chosen on the host with `perceptual_phase`: the MSE pre-training phase
   (phase=False) never traces the perceptual copy's forward, and the self-perceptual phase (phase=True) needs no
@@ -125,6 +194,8 @@ def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, 
   taps = tuple(p_cfg.taps)
 
   accumulate = int(config.optimizer.accumulate_steps)
+  learning_rate = learning_rate_fn(config) if learning_rate is None else learning_rate
+  ema_decay = sampling_ema_schedule(config)
 
   def train_step(state: TrainState, batch, base_key):
     key = jax.random.fold_in(base_key, state.step)
@@ -174,9 +245,11 @@ def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, 
     else:
       (loss, terms), grads = _accumulated(grad_fn, state.params, examples, k_dropout, accumulate)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    lr = learning_rate(state.step)
+    updates = jax.tree.map(lambda u: jnp.asarray(lr, u.dtype) * u, updates)
     params = optax.apply_updates(state.params, updates)
 
-    ema_params = _ema(sampling_ema_decay(config.sampling_ema.decay, state.step), state.ema_params, params)
+    ema_params = _ema(ema_decay(state.step), state.ema_params, params)
     perceptual_params = state.perceptual_params
     if perceptual_params is not None:
       if not phase:

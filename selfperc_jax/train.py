@@ -95,6 +95,7 @@ def _steps(setup: Setup, ckpt, state, start: int, step_key, outputs: PeriodicOut
   try:
     for step in range(start, stop):
       profiler.before(step)
+      state = setup.start_fine_tuning(state, step)  # once, before a single run's first fine-tuning step
       batch = sharding.global_batch(next(setup.pipeline), setup.mesh)
       state, metrics = setup.step_fn(step)(state, batch, step_key)
       done = step + 1

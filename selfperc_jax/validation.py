@@ -97,6 +97,29 @@ def _check_condition(config) -> None:
            f"{why}: sample.classes={tuple(config.sample.classes)} cannot be drawn; set it to () (empty).")
 
 
+def _check_finetune(config) -> None:
+  """The fine-tuning recipe: each key once, its value and the fix in one line."""
+  f = config.finetune
+  for key, choices, meaning in (
+      ("online_start", ("ema", "online"), "'ema' (the pre-trained sampling EMA, the paper's) or 'online'"),
+      ("optimizer_state", ("carry", "reset"), "'carry' (the pre-training's Adam state) or 'reset' (a fresh one)"),
+      ("sampling_ema", ("carry", "restart", "run"),
+       "'carry' (the full decay from the start), 'restart' (its warm-up anew) or 'run' (warmed up over the run)"),
+      ("decay", ("cosine", "constant", "run"),
+       "'cosine' or 'constant' over the fine-tuning's steps, or 'run' (optimizer.*'s schedule over the run)")):
+    _require(f[key] in choices, f"finetune.{key}={f[key]!r} is not known; set it to {meaning}.")
+  _require(f.learning_rate >= 0,
+           f"finetune.learning_rate={f.learning_rate!r} must be >= 0: the fine-tuning's peak learning rate, or 0 for "
+           "optimizer.learning_rate (the pre-training's).")
+  _require(int(f.warmup_steps) >= 0,
+           f"finetune.warmup_steps={f.warmup_steps!r} must be >= 0: steps of linear warm-up from 0 at the "
+           "fine-tuning's start (0: none).")
+  _require(f.decay != "run" or (f.learning_rate == 0 and f.warmup_steps == 0),
+           f"finetune.decay='run' trains with optimizer.*'s schedule over the run, so finetune.learning_rate="
+           f"{f.learning_rate!r} and finetune.warmup_steps={f.warmup_steps!r} would be unused: set them to 0, or "
+           "finetune.decay to 'cosine' or 'constant'.")
+
+
 def validate(config) -> None:
   _check_renamed(config)
   for key in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -209,6 +232,8 @@ def validate(config) -> None:
            "(the batch is split into that many equal micro-batches).")
   for key in ("b1", "b2"):
     _require(0.0 <= o[key] < 1.0, f"optimizer.{key}={o[key]} must be in [0, 1) (Adam's moment decay, e.g. 0.9 / 0.999).")
+
+  _check_finetune(config)
 
   s = config.sample
   _one_of(s.sampler, samplers.SAMPLERS, "sample.sampler")

@@ -56,7 +56,7 @@ def test_weak_scaling_keeps_the_per_device_batch(tiny):
   assert all(r["step_ms_sp"] > 0 for r in rows)
 
 
-def _reference_mse_step(config, model, schedule, tx):
+def _reference_mse_step(config, model, schedule, tx, learning_rate):
   """A training step written without any of the perceptual code, doing what the MSE step must do."""
   null_class, cfg = config.model.num_classes, config.loss
 
@@ -75,7 +75,8 @@ def _reference_mse_step(config, model, schedule, tx):
       return loss, {"loss_mse": loss}
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)  # AdamW at a unit rate, times the run's
+    updates = jax.tree.map(lambda u: learning_rate(state.step) * u, updates)
     params = optax.apply_updates(state.params, updates)
     decay = jnp.minimum(config.sampling_ema.decay, (1.0 + state.step) / (10.0 + state.step))
     ema = jax.tree.map(lambda o, n: decay * o + (1 - decay) * n, state.ema_params, params)
@@ -89,7 +90,7 @@ def test_mse_step_costs_what_a_step_without_perceptual_code_costs(tiny):
   variant = step_time.Variant(tiny, perceptual=False)
   setup = variant.setup
   assert variant.state.perceptual_params is None
-  reference = sharding.jit_train_step(_reference_mse_step(setup.config, setup.model, setup.schedule, setup.tx),
+  reference = sharding.jit_train_step(_reference_mse_step(setup.config, setup.model, setup.schedule, setup.tx, setup.lr_schedule),
                                       setup.mesh, setup.state_sharding)
   compiled = reference.lower(variant.state, variant.batch, variant.key).compile()
   assert step_time._cost(compiled) == pytest.approx(variant.xla_flops, rel=1e-3)

@@ -12,7 +12,8 @@ from conftest import override
 
 
 def test_stages_are_one_pretraining_and_branches_continued_from_it(digits_config, tmp_path):
-  config = digits_config("")
+  # (with a schedule of the fine-tuning's own; the default 'run' re-warms each branch over its own steps instead)
+  config = override(digits_config(""), **{"finetune.decay": "cosine", "finetune.sampling_ema": "carry"})
   stages = experiments.stage_configs(config, str(tmp_path))
   start, total = config.perceptual.start_step, config.total_steps
   assert list(stages) == ["pretrain", "mse", "perceptual", "mse_perceptual"]
@@ -26,10 +27,28 @@ def test_stages_are_one_pretraining_and_branches_continued_from_it(digits_config
   paper = stages["perceptual"].perceptual
   assert paper.weight > 0 and paper.mse_weight == 0 and paper.start_step == 0 and paper.copy_ema_decay == 1.0
   assert stages["mse_perceptual"].perceptual.mse_weight == 1.0
-  # Nothing else differs from the user's config (the optimizer, the model, the data, the seeds).
+  # Nothing else differs from the user's config (the optimizer, the fine-tuning recipe, the model, the data, the seeds).
   for name, c in stages.items():
     assert c.model.to_dict() == config.model.to_dict() and c.optimizer.to_dict() == config.optimizer.to_dict()
     assert c.seed == config.seed and c.eval.to_dict() == config.eval.to_dict()
+    assert c.finetune.to_dict() == config.finetune.to_dict()
+
+
+def test_the_stages_follow_the_schedules_of_the_single_run(digits_config, tmp_path):
+  """The pre-training stage has the learning rate and EMA decay of the single run's MSE phase; every branch (an
+  init_from run, all fine-tuning) those of the single run from its start step on."""
+  from selfperc_jax import step as step_lib
+
+  # (with a schedule of the fine-tuning's own; the default 'run' re-warms each branch over its own steps instead)
+  config = override(digits_config(""), **{"finetune.decay": "cosine", "finetune.sampling_ema": "carry"})
+  stages = experiments.stage_configs(config, str(tmp_path))
+  start, total = config.perceptual.start_step, config.total_steps
+  lr, ema = step_lib.learning_rate_fn(config), step_lib.sampling_ema_schedule(config)
+  for name, c in stages.items():
+    offset, steps = (0, range(0, start, 37)) if name == "pretrain" else (start, range(0, total - start, 37))
+    lr_c, ema_c = step_lib.learning_rate_fn(c), step_lib.sampling_ema_schedule(c)
+    assert [float(lr_c(s)) for s in steps] == [float(lr(offset + s)) for s in steps], name
+    assert [float(ema_c(s)) for s in steps] == [float(ema(offset + s)) for s in steps], name
 
 
 def test_guided_settings_use_the_rescale_and_unguided_ones_do_not(digits_config):
@@ -52,10 +71,12 @@ class _Killed(Exception):
 
 @pytest.mark.slow
 def test_comparison_resumes_after_a_kill_and_never_redoes_a_finished_stage(digits_config, tmp_path, monkeypatch):
+  # (finetune.sampling_ema='restart': at the full decay, a branch's EMA after 3 steps would still be the pre-trained
+  # one to within 0.3 %, and its samples could not tell the branches apart.)
   config = override(digits_config("tiny"), **{
       "total_steps": 6, "perceptual.start_step": 3, "checkpoint_every": 3, "log_every": 3, "sample_every": 0,
       "eval.num_samples": 20, "sample.num_samples": 10, "sample.steps": 4,
-      "experiment.guidance_scales": (1.0, 2.0)})
+      "experiment.guidance_scales": (1.0, 2.0), "finetune.sampling_ema": "restart"})
   workdir = str(tmp_path / "cmp")
   calls = {"train": [], "eval": []}
   real_train, real_eval = train.train_and_evaluate, modes.evaluate_checkpoint
@@ -137,3 +158,15 @@ def test_the_unconditional_comparison_trains_samples_evaluates_and_writes_its_ta
   png = modes.sample_from_checkpoint(override(stage, **{"sample.num_samples": 7}), str(branch))
   with np.load(png[:-4] + ".npz") as f:
     assert sorted(f.files) == ["arr_0"] and f["arr_0"].shape == (7, 8, 8, 1)  # 7, not rounded up to the classes
+
+
+def test_the_report_says_the_recipe_of_the_branches(digits_config):
+  config = override(digits_config(""), **{"finetune.decay": "cosine", "finetune.sampling_ema": "carry"})
+  assert experiments.recipe(config) == (
+      "online params from the pre-trained sampling EMA, the pre-training's optimizer state, sampling EMA carried on "
+      "at its full decay, learning rate 0.001 without warm-up, cosine")
+  config = override(config, **{"finetune.online_start": "online", "finetune.optimizer_state": "reset",
+                               "finetune.sampling_ema": "restart", "finetune.decay": "run"})
+  assert experiments.recipe(config) == (
+      "online params from the pre-trained online params, a fresh optimizer state, sampling EMA warmed up anew, "
+      "learning rate as optimizer.* over the branch's steps (0.001 after 200 warm-up steps, cosine)")

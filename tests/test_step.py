@@ -10,6 +10,8 @@ from selfperc_jax import input_pipeline, sharding, step as step_lib
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.setup import Setup
 
+from conftest import override
+
 
 def _build(config, num_devices, fsdp=1):
   """(mesh, make_state, step_fn): one compilation per phase serves several runs from the same initial state."""
@@ -240,3 +242,87 @@ def _config_with(config, devices):
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh.data, config.mesh.fsdp = devices, 1
   return config
+
+
+def _recipe(config, **finetune):
+  """A copy of config with these finetune.* values."""
+  return override(ml_collections.ConfigDict(config.to_dict()), **{f"finetune.{k}": v for k, v in finetune.items()})
+
+
+def test_a_single_run_pretrains_on_the_optimizer_schedule_then_fine_tunes_on_the_finetune_one(digits_config):
+  """configs/digits.py: optimizer.*'s schedule over the first perceptual.start_step steps (the comparison's
+  pre-training stage), then finetune.*'s over the rest; 'run' keeps the one schedule of before over the whole run."""
+  config = _recipe(digits_config(""), decay="cosine")  # (the default is 'run', tested last)
+  start, total, peak = config.perceptual.start_step, config.total_steps, config.optimizer.learning_rate
+  assert step_lib.fine_tuning_start(config) == start == step_lib.transition_step(config)
+  pre = step_lib.learning_rate_schedule(config.optimizer, start)
+  lr = step_lib.learning_rate_fn(config)
+  assert [float(lr(s)) for s in range(0, start, 97)] == [float(pre(s)) for s in range(0, start, 97)]
+  assert float(lr(start - 1)) == pytest.approx(0.0, abs=1e-7)  # the pre-training's cosine ends annealed
+  # learning_rate 0 and warmup_steps 0: the pre-training's peak at the first fine-tuning step, a cosine to 0.
+  assert float(lr(start)) == pytest.approx(peak, rel=1e-6) and float(lr(total)) == pytest.approx(0.0, abs=1e-9)
+  lr = step_lib.learning_rate_fn(_recipe(config, learning_rate=2e-4, warmup_steps=10, decay="constant"))
+  assert float(lr(start)) == 0.0 and float(lr(start + 5)) == pytest.approx(1e-4, rel=1e-5)
+  assert float(lr(start + 10)) == float(lr(total - 1)) == pytest.approx(2e-4, rel=1e-6)
+  old = step_lib.learning_rate_schedule(config.optimizer, total)
+  for run in (_recipe(config, decay="run"), digits_config("")):  # 'run', the default
+    lr = step_lib.learning_rate_fn(run)
+    assert [float(lr(s)) for s in range(0, total, 101)] == [float(old(s)) for s in range(0, total, 101)]
+
+
+def test_an_init_from_run_is_all_fine_tuning_and_a_run_without_the_switch_has_none(digits_config):
+  config = override(digits_config(""), init_from="/somewhere", total_steps=1000)
+  assert step_lib.fine_tuning_start(config) == 0 and step_lib.transition_step(config) is None
+  lr = step_lib.learning_rate_fn(_recipe(config, learning_rate=3e-4, warmup_steps=0, decay="cosine"))
+  assert float(lr(0)) == pytest.approx(3e-4, rel=1e-6) and float(lr(1000)) == pytest.approx(0.0, abs=1e-9)
+  lr = step_lib.learning_rate_fn(_recipe(config, decay="run"))  # the re-warm recipe of before: optimizer.* anew
+  assert float(lr(0)) == 0.0 and float(lr(config.optimizer.warmup_steps)) == pytest.approx(1e-3, rel=1e-6)
+  for args, overrides in (("mse", {}), ("", {"perceptual.start_step": 0, "perceptual.mse_weight": 1.0})):
+    plain = override(digits_config(args), **overrides)
+    assert step_lib.fine_tuning_start(plain) is None
+    whole = step_lib.learning_rate_schedule(plain.optimizer, plain.total_steps)
+    lr = step_lib.learning_rate_fn(plain)
+    assert [float(lr(s)) for s in range(0, 2400, 151)] == [float(whole(s)) for s in range(0, 2400, 151)]
+
+
+def test_the_sampling_ema_decay_at_the_fine_tuning_start(digits_config):
+  """'carry': the full decay from the first fine-tuning step on; 'restart': the warm-up anew; 'run': the warm-up
+  over the run's steps (the recipe of before). Before the start, every one warms up over the run's steps."""
+  config = digits_config("")
+  start, full = config.perceptual.start_step, config.sampling_ema.decay
+  warm = lambda s: min(full, (1 + s) / (10 + s))
+  decay = {mode: step_lib.sampling_ema_schedule(_recipe(config, sampling_ema=mode))
+           for mode in ("carry", "restart", "run")}
+  for mode, expected in (("carry", full), ("restart", warm(0)), ("run", warm(start))):
+    assert float(decay[mode](start - 1)) == pytest.approx(warm(start - 1), rel=1e-6), mode
+    assert float(decay[mode](start)) == pytest.approx(expected, rel=1e-6), mode
+  assert float(decay["restart"](start + 5)) == pytest.approx(warm(5), rel=1e-6)
+  from_run = override(config, init_from="/somewhere")
+  assert float(step_lib.sampling_ema_schedule(_recipe(from_run, sampling_ema="carry"))(0)) == pytest.approx(full)
+  assert float(step_lib.sampling_ema_schedule(from_run)(0)) == pytest.approx(0.1)  # 'run', the default
+  assert float(step_lib.sampling_ema_schedule(_recipe(from_run, sampling_ema="restart"))(0)) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("online_start,optimizer_state", [("ema", "reset"), ("online", "carry")])
+def test_the_fine_tuning_start_is_what_the_recipe_keys_say(digits_config, online_start, optimizer_state):
+  """step.start_fine_tuning (pure): the online params become the sampling EMA with 'ema' and stay with 'online';
+  Adam's moments and count are zero after 'reset' and the pre-training's with 'carry'; nothing else changes."""
+  import jax.numpy as jnp
+
+  config = _recipe(digits_config(""), online_start=online_start, optimizer_state=optimizer_state)
+  tx, _ = step_lib.make_optimizer(config)
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+  _, opt_state = tx.update(jax.tree.map(lambda x: x + 0.5, params), tx.init(params), params)
+  state = step_lib.TrainState(step=jnp.int32(config.perceptual.start_step), params=params, opt_state=opt_state,
+                              ema_params=jax.tree.map(lambda x: 0.5 * x - 1, params), perceptual_params=params)
+  after = step_lib.start_fine_tuning(config, tx, state)
+  expected = state.ema_params if online_start == "ema" else state.params
+  assert jax.tree.all(jax.tree.map(np.array_equal, after.params, expected))
+  leaves = jax.tree.leaves(after.opt_state)
+  if optimizer_state == "reset":
+    assert all(not np.any(np.asarray(x)) for x in leaves)  # the moments and the counts
+  else:
+    assert all(np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(opt_state)))
+    assert any(np.any(np.asarray(x)) for x in leaves)
+  for name in ("step", "ema_params", "perceptual_params"):
+    assert getattr(after, name) is getattr(state, name)
