@@ -209,6 +209,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.experiment.branches = ("mse", "perceptual", "mse_perceptual")
   config.experiment.guidance_scales = (1.0, 1.5, 2.0, 3.0)  # every branch is evaluated at each (1: no guidance)
   config.experiment.guidance_rescale = 0.7  # phi of Lin et al. 2023 for the guided rows (0: plain guidance)
+  # Training seeds, e.g. (0, 1, 2) (--config.experiment.seeds=0,1,2): the whole comparison, pre-training included,
+  # once per seed (config.seed = s, stages in seed_<s>/; eval.seed and sample.seed stay the same for all), and the
+  # table gives each metric as mean ± 95 % interval over the seeds and each branch's paired difference to 'mse' of
+  # the same seed. Empty: one comparison with config.seed, its stages directly in the workdir (n = 1, no intervals).
+  config.experiment.seeds = ()
+  # Ablations: named sets of config values for the self-perceptual branches, each 'name:key=value,key=value' (values
+  # are Python literals or words; a tuple may be written (mid,enc0)). Every self-perceptual branch b of
+  # experiment.branches is then also trained with each variant's values, as stage b@name from the same pre-training,
+  # and is evaluated and tabled as a branch. A variant may not change what the pre-training shares (model shape,
+  # data, seed) nor the comparison's own settings (steps, evaluation, sampling). On the command line, one variant:
+  #   --config.experiment.variants=tprime_hi:perceptual.t_prime_min=0.5
+  # several, or one with commas, as a quoted tuple of strings:
+  #   '--config.experiment.variants=("lr:finetune.learning_rate=1e-4,finetune.decay=cosine","w:perceptual.weight=2")'
+  config.experiment.variants = ()
 
   config.profile = ml_collections.ConfigDict()  # a jax.profiler trace into workdir/profile (process 0)
   config.profile.start_step = 10  # the first traced step (after compilation)

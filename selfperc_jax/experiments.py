@@ -1,6 +1,8 @@
-"""The paper's comparison as one command, from one MSE pre-training:
+"""The paper's comparison as one command, from one MSE pre-training (or one per training seed):
 
   python -m selfperc_jax.experiments --config=configs/digits.py --workdir=workdirs/digits_comparison
+  python -m selfperc_jax.experiments --config=configs/digits.py:small --workdir=workdirs/digits_study \
+    --config.experiment.seeds=0,1,2 --config.experiment.variants=tprime_hi:perceptual.t_prime_min=0.5
 
 Stages, each in its own workdir under --workdir, each resumable (a killed comparison continues where it stopped, and
 a finished stage is never recomputed):
@@ -8,23 +10,37 @@ a finished stage is never recomputed):
                      every branch starts from; the same as the MSE phase of the single run of the config);
   <branch>/          for each experiment.branches, total_steps - perceptual.start_step more steps from pretrain/'s
                      checkpoint (init_from), fine-tuned as finetune.* says, the same recipe for every branch (by
-                     default the online params and the copy from the pre-trained sampling EMA, its Adam state and
-                     sampling EMA carried on, the learning rate a cosine from optimizer.learning_rate without
-                     warm-up): 'mse' (the baseline), 'perceptual' (the feature distance alone against the frozen
+                     default the online params and the copy from the pre-trained sampling EMA, its Adam state
+                     carried on, the sampling EMA's warm-up and optimizer.*'s schedule started again over the
+                     branch's steps): 'mse' (the baseline), 'perceptual' (the feature distance alone against the frozen
                      copy, the paper's setting), 'mse_perceptual' (both terms); also available: 'perceptual_ema' /
                      'perceptual_online' (the paper's setting with the copy taken from the pre-trained sampling EMA /
                      online params, to measure perceptual.copy_source);
-  evaluation         every branch at every experiment.guidance_scales (eval.* settings and seeds, the same for all),
-                     pretrain/ without guidance; results in <stage>/eval/step_<STEP>.json;
-  grids/             sample grids of the branches side by side, one PNG per guidance scale (sample.* seeds);
-  comparison.md, comparison.json, comparison.png (FID and recall against the guidance scale per branch);
-  compile_cache/     compiled programs, shared by the stages (the same step or sampler, other params) and by a rerun.
+  <branch>@<variant>/  for each experiment.variants (named sets of config overrides, 'name:key=value,key=value') and
+                     each self-perceptual branch: that branch with the variant's values, from the same pretrain/
+                     (an ablation: the t' range, the taps, the fine-tuning's learning rate, ...);
+  seed_<s>/          with experiment.seeds: all of the above once per training seed s (config.seed = s), in
+                     seed_<s>/pretrain, seed_<s>/<branch>, ...; without (the default), config.seed's stages lie
+                     directly under --workdir as above;
+  evaluation         every branch at every experiment.guidance_scales (eval.* settings and seeds, the same for all
+                     rows and training seeds), pretrain/ without guidance; results in <stage>/eval/step_<STEP>.json;
+  grids/             sample grids of the branches side by side (of the first training seed), one PNG per guidance
+                     scale (sample.* seeds);
+  comparison.md, comparison.json, comparison.png (FID and recall against the guidance scale per branch): with several
+                     training seeds each metric as its mean ± the 95 % half-width over seeds, and each branch's paired
+                     difference to the 'mse' branch of the same seed and guidance scale (evaluation/seed_stats.py),
+                     '*' where that interval excludes zero; with one seed (n = 1), the values without intervals;
+  compile_cache/     compiled programs, shared by the stages of every seed (the same step or sampler, other params)
+                     and by a rerun.
 """
 
 from __future__ import annotations
 
+import ast
+import re
 import sys
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -36,28 +52,131 @@ from selfperc_jax.evaluation import evaluate, report
 from selfperc_jax.setup import Setup
 
 PRETRAIN = "pretrain"
-CACHE = "compile_cache"  # JAX's persistent compilation cache, shared by the stages
+CACHE = "compile_cache"  # JAX's persistent compilation cache, shared by the stages (of every training seed)
+BASELINE = "mse"  # the branch every other one is compared with, seed by seed (the report's paired differences)
+# The branches that train the self-perceptual term: those that experiment.variants apply to.
+PERCEPTUAL_BRANCHES = ("perceptual", "mse_perceptual", "perceptual_ema", "perceptual_online")
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # a folder name's part: '<branch>@<variant>'
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+  """'name:key=value,key=value' -> (name, {dotted key: value}). A value is a Python literal (1e-4, True, 'ema',
+  ('mid', 'enc0')), else a word ('cosine'); a tuple may leave its words unquoted: (mid,enc0). Commas inside
+  brackets or quotes do not separate overrides. Only the syntax is checked here (the keys: validation.py)."""
+  name, colon, body = str(text).partition(":")
+  name = name.strip()
+  example = "e.g. 'lr1e-4:finetune.learning_rate=1e-4,finetune.decay=constant'"
+  if not colon or not body.strip():
+    raise ConfigError(f"experiment.variants entry {str(text)!r} is not 'name:key=value[,key=value...]' ({example}).")
+  if not _VARIANT_NAME.fullmatch(name):
+    raise ConfigError(f"experiment.variants entry {str(text)!r}: the name {name!r} must be letters, digits and "
+                      "'_.+-' (it names the stage's folder, <branch>@<name>).")
+  overrides = {}
+  for item in _split_top_level(body):
+    key, equals, value = item.partition("=")
+    key = key.strip()
+    if not equals or not key or not value.strip():
+      raise ConfigError(f"experiment.variants '{name}': {item.strip()!r} is not key=value ({example}).")
+    if key in overrides:
+      raise ConfigError(f"experiment.variants '{name}': {key} is set twice; give each key once.")
+    overrides[key] = _literal(value.strip())
+  return name, overrides
+
+
+def _split_top_level(text: str) -> list[str]:
+  """text split at the commas outside brackets and quotes."""
+  parts, depth, quote, current = [], 0, "", []
+  for char in text:
+    if quote:
+      quote = "" if char == quote else quote
+    elif char in "'\"":
+      quote = char
+    elif char in "([{":
+      depth += 1
+    elif char in ")]}":
+      depth -= 1
+    elif char == "," and depth == 0:
+      parts.append("".join(current))
+      current = []
+      continue
+    current.append(char)
+  parts.append("".join(current))
+  return [p for p in parts if p.strip()] or [""]
+
+
+def _literal(text: str):
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if len(text) >= 2 and text[0] + text[-1] in ("()", "[]"):  # a tuple of words: (mid,enc0)
+      return tuple(_literal(p.strip()) for p in _split_top_level(text[1:-1]) if p.strip())
+    return text  # a word: cosine
+  return tuple(value) if isinstance(value, list) else value
+
+
+def variants(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+  """{variant name: {dotted key: value}} of experiment.variants, in their order."""
+  out = {}
+  for text in config.experiment.variants:
+    name, overrides = parse_variant(text)
+    if name in out:
+      raise ConfigError(f"experiment.variants names {name!r} twice; give each variant its own name.")
+    for key, value in overrides.items():  # one word for a tuple key: a tuple of one (perceptual.taps=enc0)
+      if isinstance(config_tree.lookup(config, key), tuple) and not isinstance(value, tuple):
+        overrides[key] = (value,)
+    out[name] = overrides
+  return out
+
+
+def branch_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The branches of one training seed in the order they run: each of experiment.branches, a self-perceptual one
+  followed by its variants ('<branch>@<variant>')."""
+  names = []
+  for name in config.experiment.branches:
+    names.append(name)
+    if name in PERCEPTUAL_BRANCHES:
+      names += [f"{name}@{v}" for v in variants(config)]
+  return names
+
+
+def seed_folder(seed: int | None) -> str:
+  """The folder of one training seed's stages ('' without experiment.seeds: the stages lie in the workdir)."""
+  return "" if seed is None else f"seed_{int(seed)}"
+
+
+def training_seeds(config: ml_collections.ConfigDict) -> tuple[int | None, ...]:
+  """experiment.seeds, or (None,): one comparison with config.seed, in today's layout."""
+  return tuple(int(s) for s in config.experiment.seeds) or (None,)
+
+
+def stage_name(seed: int | None, branch: str) -> str:
+  """'pretrain', 'perceptual@lr1e-4', or with a training seed 'seed_1/perceptual': the stage's folder."""
+  return f"{seed_folder(seed)}/{branch}" if seed is not None else branch
+
+
+def branch_of(stage: str) -> str:
+  return stage.rsplit("/", 1)[-1]
 
 
 def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, ml_collections.ConfigDict]:
-  """{stage name: its training config}, in the order they run: the MSE pre-training, then one per branch."""
+  """{stage name: its training config}, in the order they run: per training seed, the MSE pre-training, then one
+  per branch (branch_names: the variants of a self-perceptual branch after it)."""
   p = config.perceptual
   start, total = int(p.start_step), int(config.total_steps)
   if not 0 < start < total:
     raise ConfigError(f"the comparison needs 0 < perceptual.start_step < total_steps (pre-training, then the "
                       f"branches), got perceptual.start_step={start} and total_steps={total}.")
 
-  def derived(**values):
+  def derived(values):
     c = ml_collections.ConfigDict(config.to_dict())
     c.eval_every = 0  # the comparison evaluates each stage's final checkpoint itself
     c.sample_every = 0  # and draws the side-by-side grids of the branches (grids/)
+    # A stage is one training run: which seeds and variants the comparison runs is the comparison's, not the stage's
+    # (so that adding a seed or a variant later changes no finished stage's config).
+    c.experiment.seeds, c.experiment.variants = (), ()
     return config_tree.set_values(c, values)
 
   weight = float(p.weight) or 1.0  # an MSE-only config ('mse' argument) still compares the perceptual branches
-  # A branch is an init_from run of the rest of the steps: a fine-tuning run, whose recipe is finetune.*'s
-  # (step.learning_rate_fn, step.sampling_ema_schedule, resume._init_from), left as the config says.
-  branch = dict(total_steps=total - start, init_from=fileio.join(workdir, PRETRAIN))
-  stages = {PRETRAIN: derived(total_steps=start, init_from="", **{"perceptual.weight": 0.0})}
   overrides = {
       "mse": {"perceptual.weight": 0.0},
       "perceptual": {"perceptual.weight": weight, "perceptual.mse_weight": 0.0, "perceptual.start_step": 0},
@@ -65,9 +184,24 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   }
   for source in ("ema", "online"):  # the paper's setting with the copy's source fixed (to measure the choice)
     overrides[f"perceptual_{source}"] = {**overrides["perceptual"], "perceptual.copy_source": source}
-  for name in config.experiment.branches:
-    stages[name] = derived(**branch, **overrides[name])
+  ablations = variants(config)
+  stages = {}
+  for seed in training_seeds(config):
+    # The training seed is all that differs between seeds; the evaluation's (eval.seed, sample.seed) stay fixed.
+    seeded = {} if seed is None else {"seed": seed}
+    pretrain = stage_name(seed, PRETRAIN)
+    stages[pretrain] = derived({"total_steps": start, "init_from": "", "perceptual.weight": 0.0, **seeded})
+    # A branch is an init_from run of the rest of the steps: a fine-tuning run, whose recipe is finetune.*'s
+    # (step.learning_rate_fn, step.sampling_ema_schedule, resume._init_from), left as the config says.
+    branch = {"total_steps": total - start, "init_from": _join(workdir, pretrain), **seeded}
+    for name in branch_names(config):
+      base, _, variant = name.partition("@")
+      stages[stage_name(seed, name)] = derived({**branch, **overrides[base], **ablations.get(variant, {})})
   return stages
+
+
+def _join(workdir: str, stage: str) -> str:
+  return fileio.join(workdir, *stage.split("/"))
 
 
 def recipe(config: ml_collections.ConfigDict) -> str:
@@ -114,7 +248,7 @@ class Comparison:
         self.train(name, cfg)
       rows = []
       for name, cfg in self.stages.items():
-        scales = (1.0,) if name == PRETRAIN else tuple(self.config.experiment.guidance_scales)
+        scales = (1.0,) if branch_of(name) == PRETRAIN else tuple(self.config.experiment.guidance_scales)
         rows += [self.evaluate(name, cfg, g) for g in scales]
       for g in self.config.experiment.guidance_scales:
         self.grid(g)
@@ -125,7 +259,7 @@ class Comparison:
       lock.release()
 
   def stage_dir(self, name: str) -> str:
-    return fileio.join(self.workdir, name)
+    return _join(self.workdir, name)
 
   def train(self, name: str, cfg) -> None:
     workdir = self.stage_dir(name)
@@ -149,19 +283,24 @@ class Comparison:
       result = modes.evaluate_checkpoint(cfg, workdir)
     else:
       self._say(f"{name}: evaluated at guidance {guidance_scale:g} already")
-    row = {"branch": name, "step": step, "setting": setting, "guidance_scale": float(guidance_scale),
+    row = {"branch": branch_of(name), "step": step, "setting": setting, "guidance_scale": float(guidance_scale),
            "guidance_rescale": float(cfg.sample.guidance_rescale)}
+    if len(self.config.experiment.seeds):
+      row["seed"] = int(cfg.seed)  # the training seed (the report pairs the branches of one seed)
     if result is not None:
       row.update({k: v for k, v in result.items() if k not in row and not isinstance(v, (dict, list))})
     return row
 
   def grid(self, guidance_scale: float) -> None:
+    """The branches of the first training seed side by side (the other seeds' look alike; their figures are in the
+    table)."""
     path = fileio.join(self.workdir, "grids", f"guidance_{guidance_scale:g}.png")
     if sharding.process_0_says(fileio.exists(path) if self.lead else False):
       return
-    branches = [n for n in self.stages if n != PRETRAIN]
+    seed = training_seeds(self.config)[0]
     grids = {}
-    for name in branches:
+    for branch in branch_names(self.config):
+      name = stage_name(seed, branch)
       cfg = eval_config(self.stages[name], guidance_scale)
       setup = Setup(cfg, self.stage_dir(name), with_data=False)
       _, params = modes.latest_sampling_params(setup)
@@ -169,14 +308,15 @@ class Comparison:
       labels = generate.draw_labels(cfg)
       generator = setup.generator()
       chunks = list(generator.chunks(params, labels, s.seed))
-      grids[name] = (np.concatenate([c.images for c in chunks])[: generate.GRID_MAX],
-                     labels[: generate.GRID_MAX] if generator.labelled else None)
+      grids[branch] = (np.concatenate([c.images for c in chunks])[: generate.GRID_MAX],
+                       labels[: generate.GRID_MAX] if generator.labelled else None)
     if self.lead:
       fileio.makedirs(fileio.join(self.workdir, "grids"))
       s = self.config.sample
       heading = (f"guidance {guidance_scale:g}" + (f", rescale {self.config.experiment.guidance_rescale:g}"
                                                    if guidance_scale != 1 else "")
-                 + f" | {s.sampler} {s.steps} steps | seed {s.seed} (the same noise in every column)")
+                 + f" | {s.sampler} {s.steps} steps | seed {s.seed} (the same noise in every column)"
+                 + (f" | training seed {seed}" if seed is not None else ""))
       report.side_by_side(path, grids, heading)
       self._say(f"grid: {path}")
 
@@ -184,12 +324,14 @@ class Comparison:
     c = self.config
     start, total = int(c.perceptual.start_step), int(c.total_steps)
     s, e = c.sample, c.eval
+    seeds = tuple(c.experiment.seeds)
+    pretrain = (f"{seed_folder(seeds[0])}/" if len(seeds) == 1 else "seed_<s>/" if seeds else "") + PRETRAIN
     preface = "\n".join([
         "# The paper's comparison",
         "",
         f"Command: `{self.command}`" if self.command else "",
         "",
-        f"- Pre-training: MSE for {start} steps (`{PRETRAIN}/`); every branch continues from its checkpoint for "
+        f"- Pre-training: MSE for {start} steps (`{pretrain}/`); every branch continues from its checkpoint for "
         f"{total - start} steps (`init_from`), fine-tuned as `finetune.*` says: {recipe(c)}.",
         f"- Branches: {', '.join(report.title(b) for b in c.experiment.branches)}; the perceptual copy is the "
         f"pre-trained model's {c.perceptual.copy_source} params, frozen (copy_ema_decay "
@@ -199,12 +341,34 @@ class Comparison:
         + (f" against the {e.reference_split} split" if not e.reference else f" against {e.reference}") + ".",
         f"- Guided rows use classifier-free guidance with rescale phi = {c.experiment.guidance_rescale:g} "
         "(Lin et al. 2023); 'none' is the conditional model alone.",
-    ])
+        self._seeds_line(),
+    ] + self._variant_lines())
     report.write_json(fileio.join(self.workdir, "comparison.json"), rows,
-                      {"command": self.command, "config": c.to_dict()})
-    fileio.write_text(fileio.join(self.workdir, "comparison.md"), report.markdown(rows, preface))
+                      {"command": self.command, "config": c.to_dict()}, baseline=BASELINE)
+    fileio.write_text(fileio.join(self.workdir, "comparison.md"), report.markdown(rows, preface, baseline=BASELINE))
     report.plot(fileio.join(self.workdir, "comparison.png"), rows)
     self._say(f"done: {fileio.join(self.workdir, 'comparison.md')} (and .json, .png, grids/)")
+
+  def _seeds_line(self) -> str:
+    c = self.config
+    seeds = tuple(c.experiment.seeds)
+    fixed = f"the evaluation's seeds (eval {c.eval.seed}, sample {c.sample.seed}) are the same for every training seed"
+    if len(seeds) > 1:
+      return (f"- Training seeds: {', '.join(map(str, seeds))} (n = {len(seeds)}), each a whole comparison, "
+              f"pre-training included (`seed_<s>/`); {fixed}. Each value is the mean ± the half-width of its 95 % "
+              f"t-interval over the seeds.")
+    where = f", in `{seed_folder(seeds[0])}/`" if seeds else ""
+    return (f"- Training seed: {seeds[0] if seeds else c.seed}{where} (n = 1: one training of each branch, so no "
+            "intervals; `experiment.seeds` runs several).")
+
+  def _variant_lines(self) -> list[str]:
+    ablations = variants(self.config)
+    if not ablations:
+      return []
+    said = "; ".join(f"{name}: " + ", ".join(f"{k}={v!r}" for k, v in changes.items())
+                     for name, changes in ablations.items())
+    return [f"- Variants of the self-perceptual branches (`<branch>@<variant>`, each from the same pre-training as "
+            f"its branch, with these values): {said}."]
 
 
 def use_compilation_cache(workdir: str) -> str:

@@ -25,7 +25,7 @@ ADDED_KEY_DEFAULTS = {"model.head_channels": 0, "model.attention": "auto", "opti
                       "latent.vae": "", "latent.channels": 0, "latent.block_out_channels": (),
                       "trust_unverified_checkpoints": False, "diffusion.zero_snr_anchor": "clean",
                       "sample.timestep_spacing": "project", "sample.steps_offset": 0, "sample.final_step": "clean",
-                      "condition": "class",
+                      "condition": "class", "experiment.seeds": (), "experiment.variants": (),
                       # The recipe of before finetune.* existed, so that a run that predates it goes on as it began
                       # (keep_recipe): one optimizer.* schedule and EMA warm-up over the run's steps, no change of
                       # the state at the start step (online params and Adam's state as they are). (An init_from run

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from selfperc_jax import conditioning, config_tree, diffusion, losses, samplers, space
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.data.datasets import DATASETS
@@ -95,6 +97,102 @@ def _check_condition(config) -> None:
            "set it to (1.0,).")
   _require(not len(config.sample.classes),
            f"{why}: sample.classes={tuple(config.sample.classes)} cannot be drawn; set it to () (empty).")
+
+
+# What a variant (experiment.variants) may not change, and why: what its branch shares with the pre-training it
+# starts from, and the comparison's own settings. (model.*: its shape keys, resume.SHAPE_KEYS, less NON_SHAPE_KEYS.)
+VARIANT_FIXED = (
+    ("seed", "the training seed, which its pre-training shares (experiment.seeds runs several)"),
+    ("data", "the data, which its pre-training shares"),
+    ("latent", "the data (its latents), which its pre-training shares"),
+    ("total_steps", "the comparison's schedule (perceptual.start_step steps of pre-training, then the branches)"),
+    ("perceptual.start_step", "the comparison's schedule (the pre-training's length; a branch starts from it)"),
+    ("init_from", "the branch's start, the pre-training"),
+    ("eval_every", "the comparison's own evaluation of each stage"),
+    ("sample_every", "the comparison's own grids"),
+    ("eval", "the evaluation, the same for every row"),
+    ("sample", "the sampling of the evaluation and grids, the same for every row"),
+    ("experiment", "the comparison's own settings"),
+)
+
+
+def _check_experiment(config) -> None:
+  e = config.experiment
+  _require(len(e.branches) >= 1 and len(set(e.branches)) == len(e.branches)
+           and all(b in BRANCHES for b in e.branches),
+           f"experiment.branches={tuple(e.branches)} must be distinct names from {BRANCHES}.")
+  _require(len(e.guidance_scales) >= 1 and all(g >= 0 for g in e.guidance_scales),
+           f"experiment.guidance_scales={tuple(e.guidance_scales)} must be one or more scales >= 0 (1: no guidance).")
+  _require(0 <= e.guidance_rescale <= 1, f"experiment.guidance_rescale={e.guidance_rescale} must be in [0, 1].")
+  seeds = tuple(e.seeds)
+  _require(all(type(s) is int and s >= 0 for s in seeds) and len(set(seeds)) == len(seeds),
+           f"experiment.seeds={seeds} must be distinct integers >= 0, the training seeds, e.g. (0, 1, 2) (empty: one "
+           "comparison with config.seed).")
+  _require(all(isinstance(v, str) for v in e.variants),
+           f"experiment.variants={tuple(e.variants)} must be strings 'name:key=value,key=value', e.g. "
+           "('lr1e-4:finetune.learning_rate=1e-4',).")
+  if len(e.variants):
+    _check_variants(config)
+
+
+def _check_variants(config) -> None:
+  """Each variant: its syntax, each key a config key that it may change, and its branches' configs valid, each
+  refusal in one line that names the variant (now, not after the pre-training)."""
+  from selfperc_jax import experiments, resume  # (the comparison's; imported only for a config with variants)
+
+  variants = experiments.variants(config)
+  perceptual = [b for b in config.experiment.branches if b in experiments.PERCEPTUAL_BRANCHES]
+  _require(bool(perceptual),
+           f"experiment.variants apply to the self-perceptual branches, and experiment.branches="
+           f"{tuple(config.experiment.branches)} has none; add one of {experiments.PERCEPTUAL_BRANCHES}.")
+  known = _leaf_keys(config.to_dict())
+  for name, overrides in variants.items():
+    for key in overrides:
+      what = f"experiment.variants '{name}': {key}"
+      if key not in known:
+        renamed = renamed_message(key)
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        raise ConfigError(f"{what} is not a config key" + (f"; {renamed}" if renamed else
+                                                            f"; did you mean {close[0]}?" if close else "."))
+      why = next((why for prefix, why in VARIANT_FIXED if key == prefix or key.startswith(prefix + ".")), None)
+      if why is None and any(key == k or key.startswith(k + ".") for k in resume.SHAPE_KEYS):
+        if key not in resume.NON_SHAPE_KEYS:
+          why = "the model's shape, which its pre-training fixed"
+      _require(why is None, f"{what} cannot change in a variant: it is {why}.")
+    for key, value in overrides.items():
+      default = config_tree.lookup(config, key)
+      _require(_fits(config, key, value),
+               f"experiment.variants '{name}': {key}={value!r} must be of type {type(default).__name__}, like its "
+               f"default {default!r}.")
+  if not 0 < int(config.perceptual.start_step) < int(config.total_steps):
+    return  # no comparison to run (experiments.stage_configs says why, where one is run)
+  stages = experiments.stage_configs(config, "<workdir>")
+  seed = experiments.training_seeds(config)[0]
+  for name in variants:
+    for branch in perceptual:
+      try:
+        validate(stages[experiments.stage_name(seed, f"{branch}@{name}")])
+      except ConfigError as err:
+        raise ConfigError(f"experiment.variants '{name}' (stage {branch}@{name}): {err}") from None
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in tree.items():
+    keys += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+  return keys
+
+
+def _fits(config, key: str, value) -> bool:
+  """Whether the ConfigDict takes value at key (its type checks)."""
+  import ml_collections
+
+  copy = ml_collections.ConfigDict(config.to_dict())
+  try:
+    config_tree.set_values(copy, {key: value})
+  except TypeError:
+    return False
+  return True
 
 
 def _check_finetune(config) -> None:
@@ -214,13 +312,7 @@ def validate(config) -> None:
   _require(int(config.profile.start_step) >= 0 and int(config.profile.steps) >= 0,
            "profile.start_step and profile.steps must be >= 0 (profile.steps=0: no trace).")
 
-  e = config.experiment
-  _require(len(e.branches) >= 1 and len(set(e.branches)) == len(e.branches)
-           and all(b in BRANCHES for b in e.branches),
-           f"experiment.branches={tuple(e.branches)} must be distinct names from {BRANCHES}.")
-  _require(len(e.guidance_scales) >= 1 and all(g >= 0 for g in e.guidance_scales),
-           f"experiment.guidance_scales={tuple(e.guidance_scales)} must be one or more scales >= 0 (1: no guidance).")
-  _require(0 <= e.guidance_rescale <= 1, f"experiment.guidance_rescale={e.guidance_rescale} must be in [0, 1].")
+  _check_experiment(config)
 
   o = config.optimizer
   _require(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be > 0.")

@@ -50,6 +50,16 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(session, config, items):
+  """The files with the most slow tests first (each file's tests in their own order): with `--dist loadfile` a worker
+  takes a whole file at a time, in this order, so the longest files start early instead of ending the run alone."""
+  slow = {}
+  for item in items:
+    slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+  order = {item: i for i, item in enumerate(items)}
+  items.sort(key=lambda item: (-slow[item.path], order[item]))
+
+
 def pytest_xdist_auto_num_workers(config):
   """`-n auto` (README's test command): one worker per core, at most 4. The tests compile on one core each, so two
   workers on CI's two cores halve the wall time; past 4, each worker's 8 simulated devices and the 2-process tests'

@@ -160,6 +160,72 @@ def test_the_unconditional_comparison_trains_samples_evaluates_and_writes_its_ta
     assert sorted(f.files) == ["arr_0"] and f["arr_0"].shape == (7, 8, 8, 1)  # 7, not rounded up to the classes
 
 
+
+@pytest.mark.slow
+def test_seeds_and_a_variant_resume_after_a_kill_without_redoing_a_finished_pretraining_or_variant(
+    digits_config, tmp_path, monkeypatch):
+  """2 training seeds x (pretrain, mse, perceptual) + 1 variant of perceptual, killed at the last stage of the second
+  seed, resumed: only that stage trains; the table gives n = 2 intervals and the paired differences to MSE."""
+  config = override(digits_config("tiny"), **{
+      "total_steps": 4, "perceptual.start_step": 2, "checkpoint_every": 2, "log_every": 2, "sample_every": 0,
+      "eval.num_samples": 16, "sample.num_samples": 10, "sample.steps": 3, "experiment.branches": ("mse", "perceptual"),
+      "experiment.guidance_scales": (1.0,), "model.channel_mult": (1,), "model.attention_resolutions": (8,),
+      "experiment.seeds": (0, 1), "experiment.variants": ("tp:perceptual.t_prime_min=0.5",)})
+  workdir = str(tmp_path / "cmp")
+  calls = {"train": [], "eval": []}
+  real_train, real_eval = train.train_and_evaluate, modes.evaluate_checkpoint
+  stage = lambda wd: os.path.relpath(wd, workdir)
+
+  def counting_train(cfg, wd, *a, **k):
+    calls["train"].append(stage(wd))
+    if kill_at == stage(wd):
+      raise _Killed()
+    return real_train(cfg, wd, *a, **k)
+
+  def counting_eval(cfg, wd):
+    calls["eval"].append(stage(wd))
+    return real_eval(cfg, wd)
+
+  monkeypatch.setattr(train, "train_and_evaluate", counting_train)
+  monkeypatch.setattr(modes, "evaluate_checkpoint", counting_eval)
+
+  every = [f"seed_{s}/{b}" for s in (0, 1) for b in ("pretrain", "mse", "perceptual", "perceptual@tp")]
+  kill_at = "seed_1/perceptual@tp"  # seed 0 finished, its variant included; seed 1's pre-training finished
+  with pytest.raises(_Killed):
+    experiments.run(config, workdir)
+  assert calls["train"] == every and not calls["eval"]
+
+  kill_at = None
+  calls = {"train": [], "eval": []}
+  rows = experiments.run(config, workdir, command="the test")
+  assert calls["train"] == ["seed_1/perceptual@tp"]  # no finished pre-training, branch or variant again
+  assert calls["eval"] == every
+  assert [(r["seed"], r["branch"]) for r in rows] == [(int(n[5]), n[7:]) for n in every]
+  for r in rows:
+    assert r["num_samples"] == 20 and 0 <= r["fid"] < 1e4 and r["step"] == 2, r  # 16, a row per class: 20
+  assert rows[0]["fid"] != rows[4]["fid"]  # two seeds, two pre-trained models
+  for name in every:
+    assert os.path.isdir(os.path.join(workdir, *name.split("/"), "checkpoints"))
+
+  table = open(os.path.join(workdir, "comparison.md")).read()
+  assert "- Training seeds: 0, 1 (n = 2)" in table and "- Variants of the self-perceptual branches" in table
+  assert "| branch | guidance | n | FID |" in table and "| self-perceptual @ tp | none | 2 | " in table
+  differences = table[table.index("Paired differences to MSE"):]
+  assert differences.count("\n| self-perceptual") == 2 and "| MSE |" not in differences
+  with open(os.path.join(workdir, "comparison.json")) as f:
+    saved = json.load(f)
+  assert saved["rows"] == rows
+  assert [(e["branch"], e["seeds"]) for e in saved["summary"]] == [
+      (b, [0, 1]) for b in ("pretrain", "mse", "perceptual", "perceptual@tp")]
+  assert saved["summary"][3]["difference_to_mse"]["fid"]["n"] == 2
+  for png in ("comparison.png", "grids/guidance_1.png"):
+    with open(os.path.join(workdir, png), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+  calls = {"train": [], "eval": []}  # a third run finds everything done
+  assert experiments.run(config, workdir, command="the test") == rows
+  assert calls == {"train": [], "eval": []}
+
 def test_the_report_says_the_recipe_of_the_branches(digits_config):
   config = override(digits_config(""), **{"finetune.decay": "cosine", "finetune.sampling_ema": "carry"})
   assert experiments.recipe(config) == (
@@ -170,3 +236,226 @@ def test_the_report_says_the_recipe_of_the_branches(digits_config):
   assert experiments.recipe(config) == (
       "online params from the pre-trained online params, a fresh optimizer state, sampling EMA warmed up anew, "
       "learning rate as optimizer.* over the branch's steps (0.001 after 200 warm-up steps, cosine)")
+
+
+# Seeds and variants (issue 25, items 2 and 3).
+
+_VARIANTS = ("lr:finetune.learning_rate=1e-4,finetune.decay=constant", "tp:perceptual.t_prime_min=0.5")
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+def test_seeds_run_the_whole_comparison_per_seed_in_its_folder_and_variants_follow_their_branch(digits_config,
+                                                                                               tmp_path):
+  config = override(digits_config(""), **{"experiment.seeds": (0, 3), "experiment.variants": _VARIANTS})
+  stages = experiments.stage_configs(config, str(tmp_path))
+  per_seed = ["pretrain", "mse", "perceptual", "perceptual@lr", "perceptual@tp", "mse_perceptual",
+              "mse_perceptual@lr", "mse_perceptual@tp"]
+  assert experiments.branch_names(config) == per_seed[1:]
+  assert list(stages) == [f"seed_{s}/{b}" for s in (0, 3) for b in per_seed]
+  comparison = experiments.Comparison(config, str(tmp_path))
+  assert comparison.stage_dir("seed_3/perceptual@lr") == str(tmp_path / "seed_3" / "perceptual@lr")
+  for name, c in stages.items():
+    seed, branch = int(name.split("/")[0][5:]), experiments.branch_of(name)
+    assert c.seed == seed  # the training seed; the evaluation's stay the user's
+    assert c.eval.seed == config.eval.seed and c.sample.seed == config.sample.seed
+    assert tuple(c.experiment.seeds) == () and tuple(c.experiment.variants) == ()  # the comparison's, not the stage's
+    if branch != "pretrain":
+      assert c.init_from == str(tmp_path / f"seed_{seed}" / "pretrain")
+    assert c.total_steps == (config.perceptual.start_step if branch == "pretrain"
+                             else config.total_steps - config.perceptual.start_step)
+  # A variant is its branch with the variant's values, nothing else changed.
+  for seed in (0, 3):
+    for base in ("perceptual", "mse_perceptual"):
+      plain = _flat(stages[f"seed_{seed}/{base}"].to_dict())
+      for variant, changed in (("lr", {"finetune.learning_rate": 1e-4, "finetune.decay": "constant"}),
+                               ("tp", {"perceptual.t_prime_min": 0.5})):
+        got = _flat(stages[f"seed_{seed}/{base}@{variant}"].to_dict())
+        assert {k: v for k, v in got.items() if plain[k] != v} == changed
+  assert stages["seed_0/perceptual@tp"].perceptual.mse_weight == 0  # the branch's own setting stays
+  assert stages["seed_0/mse_perceptual@tp"].perceptual.mse_weight == 1.0
+
+
+def test_without_seeds_variants_lie_beside_the_branches_in_the_layout_of_before(digits_config, tmp_path):
+  config = override(digits_config(""), **{"experiment.branches": ("mse", "perceptual"),
+                                          "experiment.variants": ("tp:perceptual.t_prime_min=0.5",)})
+  stages = experiments.stage_configs(config, str(tmp_path))
+  assert list(stages) == ["pretrain", "mse", "perceptual", "perceptual@tp"]
+  assert all(c.seed == config.seed for c in stages.values())
+  assert stages["perceptual@tp"].init_from == str(tmp_path / "pretrain")
+  assert experiments.training_seeds(config) == (None,) and experiments.stage_name(None, "mse") == "mse"
+
+
+def test_variants_parse_from_the_command_line_as_config_base_says(monkeypatch):
+  import sys
+
+  from absl import flags
+  from ml_collections import config_flags
+
+  from conftest import REPO
+
+  def parsed(*args):
+    argv = ["prog", f"--config={REPO / 'configs' / 'digits.py'}", *args]
+    monkeypatch.setattr(sys, "argv", argv)  # (config_flags reads the overrides from sys.argv)
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=values)
+    values(argv)
+    return values.config
+
+  config = parsed("--config.experiment.variants=tprime_hi:perceptual.t_prime_min=0.5",
+                  "--config.experiment.seeds=0,1,2")
+  assert tuple(config.experiment.seeds) == (0, 1, 2)
+  assert experiments.variants(config) == {"tprime_hi": {"perceptual.t_prime_min": 0.5}}
+  config = parsed('--config.experiment.variants=("lr1e-4:finetune.learning_rate=1e-4,finetune.decay=constant",'
+                  '"taps:perceptual.taps=(enc0,mid)","one:perceptual.taps=enc0")')
+  assert experiments.variants(config) == {
+      "lr1e-4": {"finetune.learning_rate": 1e-4, "finetune.decay": "constant"},
+      "taps": {"perceptual.taps": ("enc0", "mid")}, "one": {"perceptual.taps": ("enc0",)}}
+  from selfperc_jax import validation
+
+  validation.validate(config)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"experiment.variants": ("lr:finetune.learning_rat=1e-4",)},
+     "experiment.variants 'lr': finetune.learning_rat is not a config key; did you mean finetune.learning_rate?"),
+    ({"experiment.variants": ("w:model.base_channels=8",)},
+     "experiment.variants 'w': model.base_channels cannot change in a variant: it is the model's shape, which its "
+     "pre-training fixed."),
+    ({"experiment.variants": ("s:seed=3",)},
+     "experiment.variants 's': seed cannot change in a variant: it is the training seed, which its pre-training "
+     "shares (experiment.seeds runs several)."),
+    ({"experiment.variants": ("d:data.split=all",)},
+     "experiment.variants 'd': data.split cannot change in a variant: it is the data, which its pre-training shares."),
+    ({"experiment.variants": ("c:condition=none",)}, "'c': condition cannot change in a variant: it is the model's"),
+    ({"experiment.variants": ("k:perceptual.start_step=5",)}, "'k': perceptual.start_step cannot change in a variant"),
+    ({"experiment.variants": ("e:eval.seed=5",)}, "'e': eval.seed cannot change in a variant: it is the evaluation"),
+    ({"experiment.variants": ("t:total_steps=1.5",)}, "'t': total_steps cannot change in a variant"),
+    ({"experiment.variants": ("t:finetune.warmup_steps=1.5",)},
+     "experiment.variants 't': finetune.warmup_steps=1.5 must be of type int, like its default 0."),
+    ({"experiment.variants": ("hi:perceptual.t_prime_min=1.5",)},
+     "experiment.variants 'hi' (stage perceptual@hi): need 0 <= perceptual.t_prime_min < perceptual.t_prime_max"),
+    ({"experiment.variants": ("x:perceptual.weight",)},
+     "experiment.variants 'x': 'perceptual.weight' is not key=value"),
+    ({"experiment.variants": ("perceptual.weight=1",)}, "is not 'name:key=value[,key=value...]'"),
+    ({"experiment.variants": ("a/b:perceptual.weight=1",)}, "the name 'a/b' must be letters, digits and '_.+-'"),
+    ({"experiment.variants": ("a:perceptual.weight=1", "a:perceptual.weight=2")}, "names 'a' twice"),
+    ({"experiment.variants": ("a:perceptual.weight=1",), "experiment.branches": ("mse",)},
+     "experiment.variants apply to the self-perceptual branches, and experiment.branches=('mse',) has none"),
+    ({"experiment.seeds": (0, 0)}, "experiment.seeds=(0, 0) must be distinct integers >= 0"),
+    ({"experiment.seeds": (-1,)}, "experiment.seeds=(-1,) must be distinct integers >= 0"),
+])
+def test_bad_seeds_and_variants_are_refused_in_one_line(digits_config, values, message):
+  from selfperc_jax import validation
+
+  config = override(digits_config(""), **values)
+  with pytest.raises(ConfigError) as err:
+    validation.validate(config)
+  assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_variant_may_change_what_the_pretraining_does_not_share(digits_config):
+  from selfperc_jax import validation
+
+  validation.validate(override(digits_config(""), **{"experiment.variants": (
+      "drop:model.dropout=0.1,perceptual.copy_source=online,finetune.optimizer_state=reset,batch_size=64",
+      "taps:perceptual.taps=(enc0,mid),perceptual.noise=shared,sampling_ema.decay=0.99")}))
+
+
+def _rows(seeds, fids, recalls, branch, scale=1.0):
+  return [{"branch": branch, "guidance_scale": scale, "guidance_rescale": 0.7 if scale != 1 else 0.0, "step": 3,
+           "setting": "x", "fid": f, "recall": r, "inception_score": 9.0 + f / 10, "precision": 0.9,
+           "class_accuracy": 0.99, "class_confidence": 0.95, "num_samples": 1000,
+           **({} if s is None else {"seed": s})}
+          for s, f, r in zip(seeds, fids, recalls)]
+
+
+def _made_up_study(seeds=(0, 1, 2)):
+  mse_fid, mse_recall = [3.0, 3.2, 2.9], [0.80, 0.82, 0.79]
+  sp_fid = [f + d for f, d in zip(mse_fid, (1.0, 1.1, 0.9))]  # worse by 1.0 on each seed: beyond the seed noise
+  sp_recall = [r + d for r, d in zip(mse_recall, (0.01, -0.02, 0.005))]  # no consistent change
+  return (_rows(seeds, [6.0, 6.4, 5.9], [0.7, 0.71, 0.69], "pretrain")
+          + _rows(seeds, mse_fid, mse_recall, "mse") + _rows(seeds, [4.0, 4.1, 3.8], mse_recall, "mse", 2.0)
+          + _rows(seeds, sp_fid, sp_recall, "perceptual") + _rows(seeds, [4.1, 4.0, 3.9], mse_recall, "perceptual", 2.0)
+          + _rows(seeds, [3.0, 3.2, 2.9], mse_recall, "perceptual@lr"))
+
+
+def test_the_table_over_seeds_gives_seed_stats_intervals_and_marks_paired_differences_beyond_the_noise():
+  from selfperc_jax.evaluation import report, seed_stats
+
+  rows = _made_up_study()
+  table = report.markdown(rows, "# preface")
+  lines = table.splitlines()
+  assert lines[2] == "| branch | guidance | n | FID | IS | precision | recall | class acc. | samples |"
+  mse = seed_stats.interval([3.0, 3.2, 2.9])
+  assert f"| MSE | none | 3 | {mse.format(3)} | " in table
+  sp = seed_stats.interval([4.0, 4.3, 3.8])
+  assert f"| self-perceptual | none | 3 | {sp.format(3)} | " in table
+  assert f"| MSE pre-training (start point) | none | 3 | {seed_stats.interval([6.0, 6.4, 5.9]).format(3)} |" in table
+  assert "| self-perceptual @ lr | none | 3 |" in table and table.count("| 1000 |") == 6
+
+  # The paired differences: FID +1.0 on every seed (half-width t(0.975, 2) * 0.1 / sqrt(3) = 0.248), beyond the noise.
+  diff = seed_stats.paired_difference([4.0, 4.3, 3.8], [3.0, 3.2, 2.9])
+  assert diff.mean == pytest.approx(1.0) and diff.half_width == pytest.approx(4.302653 * 0.1 / 3 ** 0.5, rel=1e-5)
+  recall = seed_stats.paired_difference([0.81, 0.80, 0.795], [0.80, 0.82, 0.79])
+  assert not recall.excludes_zero
+  differences = table[table.index("Paired differences to MSE"):]
+  sp_line = next(l for l in differences.splitlines() if l.startswith("| self-perceptual | none |"))
+  assert sp_line.startswith(f"| self-perceptual | none | 3 | +{diff.mean:.3f} ± {diff.half_width:.3f} * | ")
+  assert f"| {recall.mean:+.3f} ± {recall.half_width:.3f} | " in sp_line
+  assert sp_line.endswith("| FID higher (worse), IS higher (better) |")  # IS = 9 + FID / 10, made up so
+  # A variant equal to MSE on every seed, and guidance 2 (differences of +0.1, -0.1, +0.1): no difference.
+  assert "| self-perceptual @ lr | none | 3 | +0.000 ± 0.000 |" in differences
+  guided = next(l for l in differences.splitlines() if l.startswith("| self-perceptual | 2 (rescale 0.7) |"))
+  assert guided.endswith("| no difference beyond the seed noise |")
+  assert "MSE pre-training" not in differences and "| MSE |" not in differences  # the start point, the baseline
+
+  # The JSON summary holds the same numbers (no NaN), the plot its error bars.
+  summary = {(e["branch"], e["guidance_scale"]): e for e in report.summary_json(rows)}
+  got = summary[("perceptual", 1.0)]
+  assert got["seeds"] == [0, 1, 2] and got["metrics"]["fid"]["mean"] == pytest.approx(sp.mean)
+  assert got["metrics"]["fid"]["half_width"] == pytest.approx(sp.half_width)
+  assert got["difference_to_mse"]["fid"] == {"mean": pytest.approx(1.0), "half_width": pytest.approx(diff.half_width),
+                                             "n": 3, "excludes_zero": True}
+  assert "difference_to_mse" not in summary[("mse", 1.0)] and "difference_to_mse" not in summary[("pretrain", 1.0)]
+
+
+def test_the_plot_over_seeds_draws_error_bars(tmp_path):
+  from PIL import Image
+
+  from selfperc_jax.evaluation import report
+
+  one, three = str(tmp_path / "one.png"), str(tmp_path / "three.png")
+  report.plot(one, [r for r in _made_up_study() if r["seed"] == 0])
+  report.plot(three, _made_up_study())
+  import numpy as np
+
+  pixels = lambda path: set(map(tuple, np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).tolist()))
+  colours = set(report._COLOURS[:4])
+  assert colours <= pixels(three) and colours <= pixels(one)
+  assert Image.open(one).size == Image.open(three).size
+
+
+def test_one_seed_keeps_the_table_of_before(tmp_path):
+  from selfperc_jax.evaluation import report
+
+  rows = _rows([None], [3.0], [0.8], "mse") + _rows([None], [4.0], [0.7], "perceptual", 2.0)
+  expected = ("# preface\n\n| branch | guidance | FID | IS | precision | recall | class acc. | samples |\n"
+              "|---|---|---|---|---|---|---|---|\n"
+              "| MSE | none | 3.000 | 9.30 | 0.900 | 0.800 | 0.990 | 1000 |\n"
+              "| self-perceptual | 2 (rescale 0.7) | 4.000 | 9.40 | 0.900 | 0.700 | 0.990 | 1000 |\n")
+  assert report.markdown(rows, "# preface") == expected
+  seeded = [{**r, "seed": 7} for r in rows]  # experiment.seeds=(7,): one seed, the same table
+  assert report.markdown(seeded, "# preface") == expected
+  path = str(tmp_path / "c.json")
+  report.write_json(path, seeded, {"command": "x"})
+  assert "summary" not in json.loads(open(path).read())
+  # Unconditional rows: the classifier's confidence and balance stand in for the class accuracy.
+  uncond = [{k: v for k, v in r.items() if k != "class_accuracy"} | {"class_balance": 0.97} for r in rows]
+  assert report.markdown(uncond, "").splitlines()[2] == (
+      "| branch | guidance | FID | IS | precision | recall | class conf. | class bal. | samples |")

@@ -1,6 +1,6 @@
 """Faults a run must survive with its data intact and one `error:` line: a full or read-only disk, a checkpoint
 without its checksums, Ctrl-C, partial files of killed writers, non-finite metrics, bad workdir paths and files.
-(The lock races are in test_workdir_lock.py; the SIGTERM/SIGINT end-to-end runs in test_train.py.)"""
+(The lock races are in test_workdir_lock.py; the SIGTERM/SIGINT end-to-end runs in test_main.py.)"""
 
 import errno
 import json

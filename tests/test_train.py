@@ -1,20 +1,19 @@
-"""End to end: the training loop, resume, init_from, the sample mode and every bad input a user can give it."""
+"""End to end: the training loop, resume, init_from, the sample and eval modes, and the bad config values a user can
+give it (the command line in subprocesses: test_main.py; the fine-tuning recipe: test_finetune.py)."""
 
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from selfperc_jax import checkpoint, modes, periodic, resume, train
+from selfperc_jax import checkpoint, modes, periodic, train
 from selfperc_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from selfperc_jax.setup import Setup
 
-from conftest import REPO, load_config, override, random_inception_weights
+from conftest import load_config, override, random_inception_weights
 
 
 def _tiny(get_config, **overrides):
@@ -310,136 +309,6 @@ def test_no_restorable_checkpoint_is_an_error_that_changes_nothing(trained, tmp_
   assert _snapshot(broken) == before
 
 
-def _single_run(get_config, **overrides):
-  """MSE pre-training for 3 steps, then the self-perceptual term, in one run of 6 (a one-level U-Net, batch 8), with a
-  recipe whose every key changes something at the start step: the online params from the sampling EMA, a fresh Adam
-  state, the EMA's warm-up anew, a constant learning rate of its own."""
-  return override(get_config("tiny"), **{
-      "model.channel_mult": (1,), "model.attention_resolutions": (8,), "batch_size": 8, "mesh.data": 1,
-      "total_steps": 6, "perceptual.start_step": 3, "log_every": 1, "checkpoint_every": 1, "keep_checkpoints": 10,
-      "sample_every": 0, "eval_every": 0, "optimizer.warmup_steps": 0, "finetune.online_start": "ema",
-      "finetune.optimizer_state": "reset", "finetune.sampling_ema": "restart", "finetune.learning_rate": 2e-3,
-      "finetune.decay": "constant", **overrides})
-
-
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory):
-  """_single_run trained without a stop, a checkpoint at every step (shared: copy it before changing it)."""
-  config = _single_run(lambda arg="": load_config("digits", arg))
-  workdir = str(tmp_path_factory.mktemp("single_run"))
-  train.train_and_evaluate(config, workdir)
-  return workdir, config
-
-
-def _restored(workdir, step, config):
-  setup = Setup(config, with_data=False)
-  return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore(
-      step, setup.abstract_state)[0]
-
-
-def _assert_close(a, b, what):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7, err_msg=what)
-
-
-@pytest.mark.slow
-def test_a_single_run_resumed_before_at_or_after_its_fine_tuning_start_is_the_same_run(single_run, tmp_path):
-  """The state changes once, before step perceptual.start_step runs, as a function of the state: a run stopped at
-  start - 1, start or start + 1 and resumed trains what the run without a stop trains."""
-  workdir, config = single_run
-  start = config.perceptual.start_step
-  full, final = _metrics(workdir), _restored(workdir, 6, config)
-  for stop in (start - 1, start, start + 1):
-    resumed = str(tmp_path / f"stopped_at_{stop}")
-    train.train_and_evaluate(config, resumed, num_steps=stop)
-    train.train_and_evaluate(config, resumed)
-    rows = _metrics(resumed)
-    assert [r["step"] for r in rows] == [r["step"] for r in full] == list(range(1, 7))
-    for a, b in zip(full, rows):
-      for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=f"stopped at {stop}: step {a['step']} {k}")
-    _assert_close(_restored(resumed, 6, config), final, f"stopped at {stop}")
-
-
-@pytest.mark.slow
-def test_a_single_run_starts_fine_tuning_as_the_recipe_says(single_run):
-  """At the start step the online params become the sampling EMA and Adam's state is fresh; that step then runs at
-  finetune.learning_rate and updates the EMA with its warm-up anew (decay 0.1)."""
-  workdir, config = single_run
-  start, lr = config.perceptual.start_step, config.finetune.learning_rate
-  before, after = _restored(workdir, start, config), _restored(workdir, start + 1, config)
-  kernel = lambda tree: np.asarray(tree["in_conv"]["kernel"])
-  assert not np.allclose(kernel(before.params), kernel(before.ema_params))  # the choice matters
-  setup = Setup(config, with_data=False)
-  assert setup.start_fine_tuning(before, start - 1) is before and setup.start_fine_tuning(before, start + 1) is before
-  started = setup.start_fine_tuning(_restored(workdir, start, config), start)  # (donates the state it is given)
-  _assert_close(started.params, before.ema_params, "online params = the sampling EMA")
-  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(started.opt_state))
-  # The step from there: Adam's first update from zero moments is lr * g / (|g| + eps), at most lr and about lr
-  # where the gradient is not tiny; its count is 1; the EMA takes 1 - 0.1 of the new params.
-  delta = np.concatenate([np.ravel(np.asarray(a) - np.asarray(b))
-                          for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(before.ema_params))])
-  assert np.max(np.abs(delta)) == pytest.approx(lr, rel=1e-3)
-  assert [int(x) for x in jax.tree.leaves(after.opt_state) if x.dtype == np.int32] == [1, 1]  # Adam's, schedule's
-  _assert_close(after.ema_params, jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, before.ema_params, after.params),
-                "sampling EMA")
-  rows = {r["step"]: r for r in _metrics(workdir)}
-  assert rows[start + 1]["learning_rate"] == pytest.approx(lr) and rows[start]["learning_rate"] < 1e-3
-
-
-@pytest.mark.slow
-def test_the_single_runs_mse_phase_is_the_comparisons_pretraining(single_run, tmp_path):
-  """The pre-training stage of `experiments` (total_steps = perceptual.start_step, no perceptual term) trains what
-  the single run trains before its start step: the same params, EMA and optimizer state, the same losses."""
-  from selfperc_jax import experiments
-
-  workdir, config = single_run
-  start = config.perceptual.start_step
-  pretrain = experiments.stage_configs(config, str(tmp_path))["pretrain"]
-  train.train_and_evaluate(pretrain, str(tmp_path / "pretrain"))
-  a, b = _restored(workdir, start, config), _restored(str(tmp_path / "pretrain"), start, pretrain)
-  for name in ("params", "ema_params", "opt_state"):
-    _assert_close(getattr(a, name), getattr(b, name), name)
-  for r, s in zip(_metrics(workdir)[:start], _metrics(str(tmp_path / "pretrain")), strict=True):
-    for k in ("step", "loss", "loss_mse", "grad_norm", "learning_rate"):
-      assert s[k] == pytest.approx(r[k], rel=1e-5), k
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("copy_source,online_start,optimizer_state", [("ema", "ema", "carry"),
-                                                                      ("online", "online", "reset")])
-def test_init_from_starts_from_the_source_as_the_recipe_says(single_run, tmp_path, copy_source, online_start,
-                                                             optimizer_state):
-  """An init_from run is a fine-tuning run: the online params from the source's sampling EMA ('ema', the paper's)
-  or its online params; Adam's state the source's ('carry') or zero ('reset'); the sampling EMA the source's, at the
-  full decay from step 0 ('carry', the default); the learning rate finetune.*'s from step 0."""
-  workdir, _ = single_run
-  config = _single_run(lambda arg="": load_config("digits", arg), init_from=workdir, total_steps=30, **{
-      "perceptual.copy_source": copy_source, "finetune.online_start": online_start,
-      "finetune.optimizer_state": optimizer_state, "finetune.learning_rate": 3e-4, "finetune.decay": "cosine",
-      "finetune.sampling_ema": "carry"})
-  setup = Setup(config, str(tmp_path / "finetune"))
-  state, restored = resume.restore_or_init(setup, setup.checkpointer(), jax.random.key(123))
-  assert restored is None and int(state.step) == 0
-  source = _restored(workdir, 6, config)
-  same = lambda tree, other, what: [np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=what)
-                                    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(other), strict=True)]
-  same(state.params, source.ema_params if online_start == "ema" else source.params, "online params")
-  same(state.ema_params, source.ema_params, "sampling EMA")
-  same(state.perceptual_params, source.ema_params if copy_source == "ema" else source.params, "the copy")
-  assert not np.array_equal(np.asarray(source.params["in_conv"]["kernel"]),
-                            np.asarray(source.ema_params["in_conv"]["kernel"]))  # the choice matters
-  if optimizer_state == "carry":
-    same(state.opt_state, source.opt_state, "optimizer state")
-    assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(source.opt_state))
-  else:
-    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state.opt_state))  # moments and counts zero
-  assert float(setup.lr_schedule(0)) == pytest.approx(3e-4, rel=1e-6)
-  from selfperc_jax import step as step_lib
-
-  assert float(step_lib.sampling_ema_schedule(setup.config)(0)) == pytest.approx(config.sampling_ema.decay)
-
-
 @pytest.mark.slow
 def test_init_from_missing_or_incompatible_is_refused(trained, tmp_path):
   workdir, get_config = trained
@@ -529,87 +398,6 @@ def test_zero_terminal_snr_with_eps_prediction_is_refused(digits_config, tmp_pat
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def _main(*args, timeout=600):
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  return subprocess.run([sys.executable, "-m", "selfperc_jax.main", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("args,message", [
-    (["--config=configs/digits.py:tiny", "--config.model.base_chanels=8"],
-     'unknown config key model.base_chanels. Did you mean "base_channels"'),
-    (["--config=configs/digits.py:tiny", "--config.perceptual.wieght=1"],
-     'unknown config key perceptual.wieght. Did you mean "weight"'),
-    (["--config=configs/digits.py:tiny", "--config.loss.perceptual_weight=0"],
-     "config key loss.perceptual_weight was renamed to perceptual.weight"),
-    (["--config=configs/nothere.py"], "config file configs/nothere.py does not exist"),
-    (["--config=configs/digits.py:foo"], "configs/digits.py: unknown argument(s) ['foo']"),
-    (["--config=configs/digits.py:tiny", "--config.sample.steps=many"], "flag --config.sample.steps=many: invalid"),
-    (["--config=configs/digits.py:tiny", "--bogus=1"], "Unknown command line flag 'bogus'"),
-])
-def test_command_line_mistakes_are_one_line_without_traceback(tmp_path, args, message):
-  workdir = tmp_path / "w"
-  result = _main(*args, f"--workdir={workdir}")
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: ")
-  assert message in result.stderr
-  assert not workdir.exists()
-
-
-@pytest.mark.slow
-def test_missing_workdir_flag_and_a_workdir_that_is_a_file(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "selfperc_jax.main", "--config=configs/digits.py:tiny"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 2 and result.stderr.startswith("error: --workdir is required")
-  (tmp_path / "file").write_text("mine")
-  for workdir, message in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "run", "lies below")):
-    result = _main("--config=configs/digits.py:tiny", f"--workdir={workdir}")
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-  assert (tmp_path / "file").read_text() == "mine"
-
-
-@pytest.mark.slow
-def test_bad_value_on_the_command_line_is_one_line_without_traceback(tmp_path):
-  result = _main("--config=configs/digits.py:tiny", f"--workdir={tmp_path}", "--config.sample.sampler=euler")
-  assert result.returncode == 2
-  assert "error: sample.sampler='euler' is not known" in result.stderr
-  assert "Traceback" not in result.stderr
-
-
-@pytest.mark.slow
-def test_main_smoke_trains_checkpoints_and_samples(tmp_path):
-  """The tiny config through the real entry point on all 8 simulated devices, then the sample mode."""
-  workdir = tmp_path / "run"
-  result = _main("--config=configs/digits.py:tiny", f"--workdir={workdir}", "--config.profile.start_step=60",
-                 "--config.profile.steps=2")
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "step 100/100" in result.stdout
-  traces = [f for _, _, files in os.walk(workdir / "profile") for f in files if f.endswith(".xplane.pb")]
-  assert traces and "profile of steps 60..61" in result.stdout
-  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  assert rows[-1]["step"] == 100 and rows[-1]["loss_perceptual"] > 0
-  for key in ("loss", "loss_mse", "loss_perceptual", "grad_norm", "learning_rate", "steps_per_s", "images_per_s",
-              "tflops_per_device"):
-    assert np.isfinite(rows[-1][key]), key
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["100", "50"]
-  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
-  with np.load(workdir / "samples" / "step_100.npz") as f:
-    images, labels = f["arr_0"], f["arr_1"]
-  assert images.dtype == np.uint8 and images.shape == (20, 8, 8, 1)
-  assert labels.tolist() == sorted(labels.tolist()) and set(labels.tolist()) == set(range(10))
-  assert (workdir / "samples" / "step_100.png").stat().st_size > 0
-
-  result = _main("--config=configs/digits.py:tiny", f"--workdir={workdir}", "--mode=sample",
-                 "--config.sample.guidance_scale=2", "--config.sample.sampler=dpmpp_2m",
-                 "--config.sample.num_samples=10")
-  assert result.returncode == 0, result.stderr[-3000:]
-  with np.load(workdir / "samples" / "step_100_dpmpp_2m10_cfg2_seed0.npz") as f:
-    assert f["arr_0"].shape == (10, 8, 8, 1)
-  with np.load(workdir / "samples" / "step_100.npz") as f:  # the training-time samples are untouched
-    np.testing.assert_array_equal(f["arr_0"], images)
-
-
 @pytest.mark.slow
 def test_eval_mode_adds_one_entry_per_setting(trained):
   workdir, get_config = trained
@@ -673,41 +461,6 @@ def test_killed_evaluation_resumes_from_its_chunks_and_gives_the_same_result(tra
     np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
   with open(os.path.join(killed, "eval", "step_12.json")) as f:
     assert json.load(f)[setting]["fid"] == pytest.approx(expected["fid"], rel=1e-6)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("signum,reason", [("SIGTERM", "preempted"), ("SIGINT", "interrupted")])
-def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_restart_resumes_there(tmp_path, signum, reason):
-  """SIGTERM (a preemption) and Ctrl-C alike: a checkpoint at the step reached, exit code 75, the run resumes there."""
-  import signal
-  import time
-
-  workdir = tmp_path / "preempted"
-  args = ["--config=configs/digits.py:tiny", f"--workdir={workdir}", "--config.total_steps=100000",
-          "--config.log_every=1", "--config.sample_every=0", "--config.checkpoint_every=100000",
-          "--config.mesh.data=1"]
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  proc = subprocess.Popen([sys.executable, "-m", "selfperc_jax.main", *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-    time.sleep(0.5)
-  # A second trainer on the same workdir stops at once, naming the run that holds it, and changes nothing.
-  second = _main(*args)
-  assert second.returncode == 2 and f"is in use by process {proc.pid} on " in second.stderr, second.stderr[-2000:]
-  assert "Traceback" not in second.stderr
-  proc.send_signal(getattr(signal, signum))
-  out = proc.communicate(timeout=300)[0]
-  assert proc.returncode == 75, out[-3000:]  # stopped with a checkpoint: resume me (not 0, not a failure)
-  assert f"{reason}: saving a checkpoint at step" in out and "Traceback" not in out
-  assert not (workdir / "LOCK").exists()  # released on the way out
-  saved = checkpoint.Checkpointer(str(workdir / "checkpoints"), read_only=True).latest_step()
-  logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-  assert saved is not None and saved >= 3 and saved == logged[-1]
-  result = _main(*args[:2], f"--config.total_steps={saved + 2}", *args[3:])
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f"training 2 steps from step {saved}" in result.stdout
 
 
 @pytest.mark.slow
