@@ -21,6 +21,13 @@ import os
 
 import ml_collections
 
+# Config sections that fix the shapes of the model's params; a checkpoint only resumes under the same values
+# (resume.py), and no comparison variant may change them (validation.py).
+SHAPE_KEYS = ("model", "condition", "data.image_size", "data.name", "latent.vae", "latent.channels",
+              "latent.block_out_channels")
+# Keys inside those sections that change how the model computes, not what it holds.
+NON_SHAPE_KEYS = ("model.dtype", "model.remat", "model.dropout", "model.attention")
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()

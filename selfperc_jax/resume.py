@@ -11,15 +11,14 @@ import time
 import jax
 import ml_collections
 
-from selfperc_jax import checkpoint, config_tree, fileio, sharding, step as step_lib
+from selfperc_jax import checkpoint, config_base, config_tree, fileio, sharding, step as step_lib
 from selfperc_jax.errors import CheckpointError, CorruptCheckpointError
 from selfperc_jax.setup import Setup
 
 
-# Config sections that fix the shapes of the state; a checkpoint only resumes under the same values.
-SHAPE_KEYS = ("model", "condition", "data.image_size", "data.name", "latent.vae", "latent.channels", "latent.block_out_channels")
-# Keys inside those sections that change how the model computes, not what it holds.
-NON_SHAPE_KEYS = ("model.dtype", "model.remat", "model.dropout", "model.attention")
+# The config keys that fix the model's shape, and those inside them that do not (config_base.py says which): a
+# checkpoint only resumes under the same values.
+SHAPE_KEYS, NON_SHAPE_KEYS = config_base.SHAPE_KEYS, config_base.NON_SHAPE_KEYS
 # Keys added after checkpoints were already written: a saved config without them had these values.
 ADDED_KEY_DEFAULTS = {"model.head_channels": 0, "model.attention": "auto", "optimizer.accumulate_steps": 1,
                       "latent.vae": "", "latent.channels": 0, "latent.block_out_channels": (),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 
-from selfperc_jax import conditioning, config_tree, diffusion, losses, samplers, space
+from selfperc_jax import conditioning, config_base, config_tree, diffusion, losses, samplers, space, stages
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.data.datasets import DATASETS
 from selfperc_jax.evaluation import evaluate
@@ -100,7 +100,7 @@ def _check_condition(config) -> None:
 
 
 # What a variant (experiment.variants) may not change, and why: what its branch shares with the pre-training it
-# starts from, and the comparison's own settings. (model.*: its shape keys, resume.SHAPE_KEYS, less NON_SHAPE_KEYS.)
+# starts from, and the comparison's own settings. (model.*: its shape keys, config_base.SHAPE_KEYS, less NON_SHAPE_KEYS.)
 VARIANT_FIXED = (
     ("seed", "the training seed, which its pre-training shares (experiment.seeds runs several)"),
     ("data", "the data, which its pre-training shares"),
@@ -138,13 +138,12 @@ def _check_experiment(config) -> None:
 def _check_variants(config) -> None:
   """Each variant: its syntax, each key a config key that it may change, and its branches' configs valid, each
   refusal in one line that names the variant (now, not after the pre-training)."""
-  from selfperc_jax import experiments, resume  # (the comparison's; imported only for a config with variants)
 
-  variants = experiments.variants(config)
-  perceptual = [b for b in config.experiment.branches if b in experiments.PERCEPTUAL_BRANCHES]
+  variants = stages.variants(config)
+  perceptual = [b for b in config.experiment.branches if b in stages.PERCEPTUAL_BRANCHES]
   _require(bool(perceptual),
            f"experiment.variants apply to the self-perceptual branches, and experiment.branches="
-           f"{tuple(config.experiment.branches)} has none; add one of {experiments.PERCEPTUAL_BRANCHES}.")
+           f"{tuple(config.experiment.branches)} has none; add one of {stages.PERCEPTUAL_BRANCHES}.")
   known = _leaf_keys(config.to_dict())
   for name, overrides in variants.items():
     for key in overrides:
@@ -155,8 +154,8 @@ def _check_variants(config) -> None:
         raise ConfigError(f"{what} is not a config key" + (f"; {renamed}" if renamed else
                                                             f"; did you mean {close[0]}?" if close else "."))
       why = next((why for prefix, why in VARIANT_FIXED if key == prefix or key.startswith(prefix + ".")), None)
-      if why is None and any(key == k or key.startswith(k + ".") for k in resume.SHAPE_KEYS):
-        if key not in resume.NON_SHAPE_KEYS:
+      if why is None and any(key == k or key.startswith(k + ".") for k in config_base.SHAPE_KEYS):
+        if key not in config_base.NON_SHAPE_KEYS:
           why = "the model's shape, which its pre-training fixed"
       _require(why is None, f"{what} cannot change in a variant: it is {why}.")
     for key, value in overrides.items():
@@ -165,13 +164,13 @@ def _check_variants(config) -> None:
                f"experiment.variants '{name}': {key}={value!r} must be of type {type(default).__name__}, like its "
                f"default {default!r}.")
   if not 0 < int(config.perceptual.start_step) < int(config.total_steps):
-    return  # no comparison to run (experiments.stage_configs says why, where one is run)
-  stages = experiments.stage_configs(config, "<workdir>")
-  seed = experiments.training_seeds(config)[0]
+    return  # no comparison to run (stages.stage_configs says why, where one is run)
+  configs = stages.stage_configs(config, "<workdir>")
+  seed = stages.training_seeds(config)[0]
   for name in variants:
     for branch in perceptual:
       try:
-        validate(stages[experiments.stage_name(seed, f"{branch}@{name}")])
+        validate(configs[stages.stage_name(seed, f"{branch}@{name}")])
       except ConfigError as err:
         raise ConfigError(f"experiment.variants '{name}' (stage {branch}@{name}): {err}") from None
 
