@@ -22,9 +22,6 @@ from selfperc_jax.logging_utils import Progress
 GRID_MAX = 256  # a sample grid shows at most this many images (the first ones, class-sorted)
 
 
-class_labels = conditioning.class_labels  # class-sorted labels of a draw (the pure rule; tests call it here too)
-
-
 def draw_labels(config, *, evaluation: bool = False) -> np.ndarray:
   """The conditions of a draw from `config` (conditioning.Conditioning.draw): sample.num_samples of sample.classes
   (sample grids and files), or with `evaluation` eval.num_samples over every class; unconditional: zeros."""

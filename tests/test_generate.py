@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, load_config
 from selfperc_jax import config_base, config_tree, diffusion, generate, images, samplers, scheduler_config, sharding
-from selfperc_jax import space, validation
+from selfperc_jax import conditioning, space, validation
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.evaluation import evaluate
 
@@ -65,7 +65,7 @@ def _draw(gen, params, labels, seed=3, start=0):
                                      for s in samplers.SAMPLERS])
 def test_samples_do_not_depend_on_chunk_size_or_device_count(model_and_params, sampler):
   model, params = model_and_params
-  labels = generate.class_labels(20, NUM_CLASSES)  # 21 labels: 7 per class
+  labels = conditioning.class_labels(20, NUM_CLASSES)  # 21 labels: 7 per class
   _, reference = _draw(_generator(model, _config(sampler, batch_size=24), devices=8), params, labels)
   chunks, chunked = _draw(_generator(model, _config(sampler, batch_size=8), devices=8), params, labels)
   _, one_device = _draw(_generator(model, _config(sampler, batch_size=5), devices=1), params, labels)
@@ -87,7 +87,7 @@ def test_samples_do_not_depend_on_chunk_size_or_device_count(model_and_params, s
 def test_a_draw_resumes_from_any_chunk_and_seeds_differ(model_and_params):
   model, params = model_and_params
   gen = _generator(model, _config(batch_size=8))
-  labels = generate.class_labels(24, NUM_CLASSES)
+  labels = conditioning.class_labels(24, NUM_CLASSES)
   _, whole = _draw(gen, params, labels)
   chunks, rest = _draw(gen, params, labels, start=16)
   assert [(c.start, c.stop) for c in chunks] == [(16, 24)]
@@ -114,8 +114,8 @@ def test_device_memory_does_not_grow_with_the_number_of_samples(model_and_params
   monkeypatch.setattr(gen, "_draw", recording_draw)
   for n in (1000, 50_000):
     shapes.clear()
-    count = sum(1 for _ in gen.chunks(params, generate.class_labels(n, NUM_CLASSES), seed=0))
-    assert count == -(-len(generate.class_labels(n, NUM_CLASSES)) // 64)
+    count = sum(1 for _ in gen.chunks(params, conditioning.class_labels(n, NUM_CLASSES), seed=0))
+    assert count == -(-len(conditioning.class_labels(n, NUM_CLASSES)) // 64)
     assert set(shapes) == {(64,)}
   monkeypatch.setattr(gen, "_draw", real_draw)
   if memory is not None:  # the analysis is per program: the same program serves both counts
@@ -139,7 +139,7 @@ def test_chunk_size_must_divide_over_the_devices(model_and_params):
 def test_write_samples_streams_the_npz_and_grids_the_first_images(model_and_params, tmp_path):
   model, params = model_and_params
   gen = _generator(model, _config(batch_size=64, guidance_scale=1.0))
-  labels = generate.class_labels(300, NUM_CLASSES)
+  labels = conditioning.class_labels(300, NUM_CLASSES)
   png = generate.write_samples(gen, params, str(tmp_path), "many", labels, seed=1)
   with np.load(tmp_path / "many.npz") as f:
     arr, lab = f["arr_0"], f["arr_1"]
@@ -166,7 +166,7 @@ def test_embedding_on_the_devices_equals_embedding_the_saved_images(model_and_pa
 
   gen = generate.Generator(_config(batch_size=8), model, diffusion.Schedule("cosine", 0, True), SHAPE, _mesh(8),
                            embed_fn, weights)
-  labels = generate.class_labels(12, NUM_CLASSES)
+  labels = conditioning.class_labels(12, NUM_CLASSES)
   chunks = list(gen.chunks(params, labels, seed=2))
   imgs = np.concatenate([c.images for c in chunks])
   feats = np.concatenate([c.features for c in chunks])
@@ -190,9 +190,9 @@ def test_npz_stream_writer_refuses_a_wrong_or_incomplete_batch(tmp_path):
 
 
 def test_class_labels_are_balanced_and_cover_the_classes_evenly_when_fewer():
-  np.testing.assert_array_equal(generate.class_labels(5, 3), [0, 0, 1, 1, 2, 2])  # rounded up to 2 per class
-  np.testing.assert_array_equal(generate.class_labels(4, 10, classes=(7, 2)), [7, 7, 2, 2])
-  np.testing.assert_array_equal(generate.class_labels(5, 1000), [0, 250, 500, 749, 999])  # one each, spread
+  np.testing.assert_array_equal(conditioning.class_labels(5, 3), [0, 0, 1, 1, 2, 2])  # rounded up to 2 per class
+  np.testing.assert_array_equal(conditioning.class_labels(4, 10, classes=(7, 2)), [7, 7, 2, 2])
+  np.testing.assert_array_equal(conditioning.class_labels(5, 1000), [0, 250, 500, 749, 999])  # one each, spread
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_latent_samples_are_not_clipped_and_pixel_samples_are():
   """space.clips_x0 decides: pixel samples are clipped to [-1, 1] (x0 = 3 gives 1), latents are not (3 stays 3).
   The decoder x / 4 brings both into the uint8 range, so the images show the sample: 1 / 4 or 3 / 4."""
   decoder = space.Decoder(lambda variables, x: x / 4.0, {})
-  labels = generate.class_labels(8, NUM_CLASSES)
+  labels = conditioning.class_labels(8, NUM_CLASSES)
   drawn = {}
   for vae in ("", "sd"):
     config = _config(batch_size=8, guidance_scale=1.0)
@@ -256,7 +256,7 @@ def test_released_scheduler_settings_in_a_config_sample_as_the_direct_call(sampl
   assert scheduler_config.check_config(config, RELEASED) == []
   schedule = diffusion.schedule_from_config(config.diffusion)
   assert schedule == diffusion.Schedule("scaled_linear", 1000, True, "first_timestep")
-  labels = generate.class_labels(8, config.model.num_classes)
+  labels = conditioning.class_labels(8, config.model.num_classes)
   model = _RecordingModel()
   # One device: ordered callbacks (the order of the model's calls) need a single-device program.
   gen = generate.Generator(config, model, schedule, SHAPE, _mesh(1), decoder=space.Decoder(lambda v, x: x / 4.0, {}))
