@@ -10,11 +10,16 @@ start again from that same EMA, then training on the self-perceptual feature dis
 (`perceptual.mse_weight=0`), fine-tuned as `finetune.*` says (the same recipe as the comparison's branches). It is
 the base config itself (selfperc_jax/config_base.py, where every key is documented); this file holds its variants.
 
-Arguments: '' (default), 'tiny', 'mse' (MSE only), 'small' (half the channels, half the total steps: 600 + 600
-instead of 1400 + 1000; a harder setting for the comparison, where the pre-trained model is further from converged),
-'uncond' (unconditional: no class input, label dropout or guidance; samples are not class-balanced);
-they combine with commas, e.g. 'tiny,mse'. The paper's whole comparison (MSE, MSE + guidance, self-perceptual, from
-one pre-training) is one command:
+Since 2026-11-30 the default is a U-Net of base 24 channels with one residual block per level (427 k params), 1650
+steps of MSE at a peak learning rate of 2e-3 and 350 self-perceptual steps: chosen by measurement (docs/results.md,
+"Choosing the default") to sample as well as the default before it ('base32') in less than half its time.
+
+Arguments: '' (default), 'tiny', 'mse' (MSE only), 'small' (base 16, two blocks per level, 600 + 600 steps at 1e-3:
+the harder setting of docs/results.md's second comparison, where the pre-trained model is far from converged),
+'base32' (the default until 2026-11-30: base 32, two blocks per level, 1400 + 1000 steps at 1e-3; docs/results.md's
+figures before that date), 'uncond' (unconditional: no class input, label dropout or guidance; samples are not
+class-balanced); they combine with commas, e.g. 'tiny,mse'. The paper's whole comparison (MSE, MSE + guidance,
+self-perceptual, from one pre-training) is one command:
 
   python -m selfperc_jax.experiments --config=configs/digits.py --workdir=workdirs/digits_comparison
 """
@@ -24,12 +29,14 @@ from selfperc_jax import config_base
 
 def get_config(arg=None):
   args = set(filter(None, (arg or "").split(",")))
-  unknown = args - {"tiny", "mse", "small", "uncond"}
+  unknown = args - {"tiny", "mse", "small", "base32", "uncond"}
   if unknown:
-    raise ValueError(f"configs/digits.py: unknown argument(s) {sorted(unknown)}; use 'tiny' or 'small', 'mse', "
-                     "'uncond', comma-separated, or nothing.")
-  if {"tiny", "small"} <= args:
-    raise ValueError("configs/digits.py: 'tiny' and 'small' are two sizes; give one of them.")
+    raise ValueError(f"configs/digits.py: unknown argument(s) {sorted(unknown)}; use 'tiny', 'small' or 'base32', "
+                     "'mse', 'uncond', comma-separated, or nothing.")
+  sizes = sorted(args & {"tiny", "small", "base32"})
+  if len(sizes) > 1:
+    raise ValueError(f"configs/digits.py: {' and '.join(repr(a) for a in sizes)} are different sizes; give one of "
+                     "them.")
 
   config = config_base.get_config()
   if "tiny" in args:  # smoke-test size: every phase of the run in 100 small steps
@@ -42,15 +49,19 @@ def get_config(arg=None):
     config.model.num_res_blocks = 1
     config.model.num_heads = 2
     config.optimizer.warmup_steps = 10
+    config.optimizer.learning_rate = 1e-3  # tiny's own, as before the default's 2e-3 (tests' checkpoints use it)
     config.perceptual.start_step = 50
     config.sample.steps = 10
     config.sample.num_samples = 20
     config.sample.batch_size = 32
     config.eval.num_samples = 50
-  if "small" in args:  # the default's recipe at half the width and half the total steps (600 + 600)
-    config.total_steps = 1200
-    config.perceptual.start_step = 600
-    config.model.base_channels = 16
+  if "small" in args or "base32" in args:  # the recipes of the default before 2026-11-30 ('small': at half width)
+    config.total_steps = 1200 if "small" in args else 2400
+    config.perceptual.start_step = 600 if "small" in args else 1400
+    config.sample_every = 1200
+    config.model.base_channels = 16 if "small" in args else 32
+    config.model.num_res_blocks = 2
+    config.optimizer.learning_rate = 1e-3
   if "mse" in args:
     config.perceptual.weight = 0.0
   if "uncond" in args:  # unconditional: no class input, so nothing to drop for guidance and no guided rows

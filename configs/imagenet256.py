@@ -60,6 +60,7 @@ def get_config(arg=None):
   # ADM's ImageNet-256 layout (see above); bfloat16 compute for speed, remat for memory.
   config.model.base_channels = 256
   config.model.channel_mult = (1, 1, 2, 2, 4, 4)
+  config.model.num_res_blocks = 2
   config.model.attention_resolutions = (32, 16, 8)
   config.model.head_channels = 64
   config.model.num_classes = 1000

@@ -35,11 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
   # What the model is conditioned on (selfperc_jax/conditioning.py): 'class' (the data set's labels; a null class for
   # guidance), or 'none' (unconditional: no class embedding, label dropout or guidance; draws are not class-balanced).
   config.condition = "class"
-  config.total_steps = 2400  # optimizer steps of the whole run, pre-training included
+  config.total_steps = 2000  # optimizer steps of the whole run, pre-training included
   config.batch_size = 128  # global, over all hosts and devices
   config.log_every = 100  # steps between rows of metrics.jsonl
   config.checkpoint_every = 500  # steps between checkpoints (and one at the last step)
-  config.sample_every = 1200  # steps between sample grids (samples/step_<STEP>.png); 0: none
+  config.sample_every = 500  # steps between sample grids (samples/step_<STEP>.png); 0: none
   config.eval_every = 0  # > 0: evaluate (FID etc., see eval.*) every this many steps and at the end
   # A NaN/inf loss or gradient: 'stop' with an error (no checkpoint of non-finite params is ever written), or
   # 'skip' that update and go on (the state is kept as it was before it).
@@ -78,9 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.latent.encode_batch_size = 64  # images per encoder call, per process
 
   config.model = ml_collections.ConfigDict()  # the U-Net (selfperc_jax/models/unet.py)
-  config.model.base_channels = 32  # channels of the first level
+  config.model.base_channels = 24  # channels of the first level
   config.model.channel_mult = (1, 2)  # each level's channels in base_channels; each level halves the size
-  config.model.num_res_blocks = 2  # residual blocks per level
+  config.model.num_res_blocks = 1  # residual blocks per level
   config.model.attention_resolutions = (4,)  # self-attention at these feature-map sizes (pixels)
   config.model.num_heads = 4  # attention heads (unused while head_channels > 0)
   config.model.head_channels = 0  # > 0: attention heads of this many channels (overrides num_heads)
@@ -108,7 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.perceptual = ml_collections.ConfigDict()  # the self-perceptual term and its stop-gradient copy
   config.perceptual.weight = 1.0  # 0: plain MSE training throughout (no copy is kept)
   # Steps before it train with plain MSE (the pre-training phase); the run fine-tunes from it on (finetune.*).
-  config.perceptual.start_step = 1400
+  config.perceptual.start_step = 1650
   # The MSE term's weight from start_step on: 0 trains on the feature distance alone, as the paper fine-tunes.
   config.perceptual.mse_weight = 0.0
   config.perceptual.ramp_steps = 0  # linear ramp of the perceptual weight after the start step
@@ -135,7 +135,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The training before any fine-tuning (finetune.*): a run that fine-tunes from perceptual.start_step on uses this
   # schedule over its first start_step steps (as the comparison's pre-training stage does), any other run without
   # init_from over its total_steps.
-  config.optimizer.learning_rate = 1e-3  # the peak, reached after warm-up
+  config.optimizer.learning_rate = 2e-3  # the peak, reached after warm-up
   config.optimizer.warmup_steps = 200  # linear from 0
   config.optimizer.decay = "cosine"  # cosine (to 0 at the schedule's end) | constant, after warm-up
   config.optimizer.weight_decay = 0.0  # AdamW's decoupled weight decay

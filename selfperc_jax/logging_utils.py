@@ -67,8 +67,10 @@ class MetricLogger:
   def start(self, step: int) -> None:
     self._last_time, self._last_step = time.perf_counter(), step
 
-  def write(self, step: int, metrics: dict, step_flops: float | None = None) -> dict:
-    """step_flops: XLA's FLOPs per device of one step, for TFLOP/s per device and (with a known peak) MFU."""
+  def write(self, step: int, metrics: dict, step_flops: float | None = None,
+            upcoming: tuple[str, int] | None = None) -> dict:
+    """step_flops: XLA's FLOPs per device of one step, for TFLOP/s per device and (with a known peak) MFU;
+    upcoming: the next output (what, at which step), which the console line announces with its expected time."""
     now = time.perf_counter()
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
     if self._last_time is not None and step > self._last_step:
@@ -91,6 +93,9 @@ class MetricLogger:
       mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
       eta = (f" | {rate:.2f} steps/s, {record['images_per_s']:.0f} img/s{mfu} | "
              f"ETA {_format_duration((self.total_steps - step) / rate)}")
+      if upcoming is not None:
+        what, at = upcoming
+        eta += f" | next {what} at step {at} (in {_format_duration((at - step) / rate)})"
     terms = " ".join(f"{k} {record[k]:.4g}" for k in ("loss", "loss_mse", "loss_perceptual") if k in record)
     print(f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) {terms}{eta}", flush=True)
     return record

@@ -8,10 +8,10 @@ import sys
 # TensorFlow (imported by the TensorBoard writer) prints C++ start-up chatter unless told otherwise.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # On a CPU-only machine JAX makes one device of all cores, and XLA spreads the small convolutions of a model like
-# the digits U-Net badly over them: 8 devices (the batch data-parallel over them) measured faster (BENCHMARKS.md).
-# Only the host platform is affected; accelerators are not.
+# the digits U-Net badly over them: several devices (the batch data-parallel over them) measured faster, 4 fastest
+# for today's digits default (BENCHMARKS.md). Only the host platform is affected; accelerators are not.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
 from absl import app, flags, logging
 from ml_collections import config_flags

@@ -13,6 +13,14 @@ from selfperc_jax.logging_utils import MetricLogger
 from selfperc_jax.setup import Setup
 
 
+def next_due(step: int, every: int, total: int) -> int | None:
+  """The first step after `step` at which an action repeated every `every` steps is due (is_due with its defaults;
+  the run's last step counts), or None if none is left."""
+  if every <= 0 or step >= total:
+    return None
+  return min((step // every + 1) * every, total)
+
+
 def is_due(step: int, every: int, total: int, *, first: bool = False, last: bool = True,
            stop: int | None = None) -> bool:
   """Whether an action repeated every `every` steps runs after (1-based) step `step` of `total` (as big_vision's
@@ -40,6 +48,13 @@ class PeriodicOutputs:
     every = {"samples": c.sample_every, "eval": c.eval_every}
     return [a for a in self.ACTIONS if is_due(step, every[a], c.total_steps)]
 
+  def upcoming(self, step: int) -> tuple[str, int] | None:
+    """The next output after `step` (what, and at which step), for the console: the sample grid if both are due."""
+    c = self.setup.config
+    steps = [(s, what) for what, every in (("sample grid", c.sample_every), ("evaluation", c.eval_every))
+             if (s := next_due(step, every, c.total_steps)) is not None]
+    return (min(steps)[1], min(steps)[0]) if steps else None
+
   def _exists(self, action: str, step: int) -> bool:
     workdir = self.setup.workdir
     if action == "samples":
@@ -61,7 +76,8 @@ class PeriodicOutputs:
       png = generate.write_samples(self._generator, params, fileio.join(self.setup.workdir, "samples"),
                                    f"step_{step}", labels, c.sample.seed)
       if png:
-        print(f"samples: {png}", flush=True)
+        following = next_due(step, c.sample_every, c.total_steps)
+        print(f"samples: {png}" + (f" (the next grid at step {following})" if following else ""), flush=True)
     if "eval" in actions:
       self._evaluator = self._evaluator or self.setup.evaluator()
       result = self._evaluator(params, step)

@@ -76,14 +76,18 @@ class Setup:
     return {"image": jax.ShapeDtypeStruct((b,) + tuple(self.model_shape), jnp.float32, sharding=batch),
             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch)}
 
-  def step_flops(self, step: int) -> float | None:
+  def step_flops(self, step: int, args: tuple | None = None) -> float | None:
     """XLA's FLOPs per device of the train step of `step`'s phase (the lowered program's cost analysis over the
-    device count; nothing is compiled for it), or None where the backend does not count them."""
+    device count; nothing is compiled for it), or None where the backend does not count them. args: the live
+    (state, batch, key) of a step of that phase already run, whose trace jit has kept (lowering it again is then
+    free); without them the step is traced again from the abstract state."""
     phase = step_lib.perceptual_phase(self.config, step)
     if phase not in self._step_flops:
-      key = jax.eval_shape(lambda: jax.random.key(0))
-      key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
-      total = flops.lowered_flops(self.step_fn(step).lower(self.abstract_state, self.abstract_batch(), key))
+      if args is None:
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(self.mesh))
+        args = (self.abstract_state, self.abstract_batch(), key)
+      total = flops.lowered_flops(self.step_fn(step).lower(*args))
       self._step_flops[phase] = None if total is None else total / self.mesh.size
     return self._step_flops[phase]
 

@@ -45,6 +45,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _compilation_cache()
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
+# The digits classifier (the digits evaluations' feature network) is trained once for the whole run and its worker
+# and child processes, kept beside the compilation cache (selfperc_jax/evaluation/digits_classifier.py).
+os.environ.setdefault("SELFPERC_JAX_CACHE", os.path.join(os.path.dirname(os.environ["JAX_COMPILATION_CACHE_DIR"]),
+                                                         "selfperc_jax_cache"))
+
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -181,6 +181,7 @@ def test_remat_gives_the_same_gradients(variants):
 # --- full-size layouts -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the full-size network traced (abstract): the small parity tests cover the fast subset
 @pytest.mark.parametrize("name, config, count", [("sd21", model.SD2, SD2_PARAMETERS),
                                                  ("sd15", model.SD1, SD1_PARAMETERS)])
 def test_full_size_layout_equals_transformers(layouts, name, config, count):
@@ -197,6 +198,7 @@ def test_full_size_layout_equals_transformers(layouts, name, config, count):
     convert.check_shapes(reference, config=model.SD1 if config == model.SD2 else model.SD2)
 
 
+@pytest.mark.slow  # the full-size network traced (abstract): the small parity tests cover the fast subset
 def test_full_size_parameter_count_from_abstract_init():
   """jax.eval_shape of SD 2.x's text encoder (no memory is allocated): 340,387,840 parameters, all float32."""
   net = model.CLIPTextModel(model.SD2, dtype=jnp.bfloat16)

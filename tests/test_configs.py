@@ -19,7 +19,7 @@ from selfperc_jax import config_base, config_tree, sharding, space, validation
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.models import unet
 
-VARIANTS = {"digits": ["", "tiny", "mse", "tiny,mse", "small", "small,mse"],
+VARIANTS = {"digits": ["", "tiny", "mse", "tiny,mse", "small", "small,mse", "base32", "base32,mse", "uncond"],
             "imagenet256": ["", "tpu", "gpu", "tpu,mse", "gpu,mse"], "imagenet256_latent": ["", "gpu", "tpu,mse"]}
 
 
@@ -49,7 +49,8 @@ def test_configs_are_the_ones_recorded_before_the_base(name, arg):
   """Every key's value and type (a repr tells 1 from 1.0 and a tuple from a list), as configs/*.py built them when
   each wrote out all its keys; keys added since are the base's (checked above), each with the base's default (no
   config sets one yet)."""
-  recorded = RECORDED["configs"][record_configs.name_arg(name, arg)]
+  recorded = {**RECORDED["configs"][record_configs.name_arg(name, arg)],
+              **CONFIGS_CHANGED_SINCE.get(record_configs.name_arg(name, arg), {})}
   now = record_configs.typed(record_configs.load(name, arg))
   assert {key: value for key, value in now.items() if key in recorded} == recorded
   base = record_configs.typed(config_base.get_config())
@@ -59,10 +60,18 @@ def test_configs_are_the_ones_recorded_before_the_base(name, arg):
       added)
 
 
-# Errors whose wording changed on purpose since the recording: configs/digits.py gained the argument 'uncond'.
+# Values changed on purpose since the recording: the digits default's recipe (2026-11-30, docs/results.md, "Choosing
+# the default"), which 'mse' builds on ('tiny' keeps its own size, steps and learning rate).
+_NEW_DEFAULT = {"total_steps": "2000", "sample_every": "500", "model.base_channels": "24", "model.num_res_blocks": "1",
+                "perceptual.start_step": "1650", "optimizer.learning_rate": "0.002"}
+CONFIGS_CHANGED_SINCE = {name: _NEW_DEFAULT for name in ("digits", "digits:", "digits:mse")}
+
+# Errors whose wording changed on purpose since the recording: configs/digits.py gained the arguments 'uncond' and
+# 'base32'.
 ERRORS_CHANGED_SINCE = {
-    f"digits:{arg}": f"configs/digits.py: unknown argument(s) ['{bad}']; use 'tiny' or 'small', 'mse', 'uncond', "
-                     "comma-separated, or nothing." for arg, bad in (("big", "big"), ("small,foo", "foo"))}
+    **{f"digits:{arg}": f"configs/digits.py: unknown argument(s) ['{bad}']; use 'tiny', 'small' or 'base32', 'mse', "
+                        "'uncond', comma-separated, or nothing." for arg, bad in (("big", "big"), ("small,foo", "foo"))},
+    "digits:tiny,small": "configs/digits.py: 'small' and 'tiny' are different sizes; give one of them."}
 
 
 def test_bad_arguments_get_the_errors_recorded_before_the_base():
@@ -117,16 +126,20 @@ def test_imagenet256_defaults_to_the_pod_slice_and_rejects_unknown_arguments():
       load_config("imagenet256", bad)
 
 
-def test_digits_small_halves_width_and_steps_and_rejects_unknown_arguments():
-  default, small = load_config("digits"), load_config("digits", "small")
-  assert small.model.base_channels * 2 == default.model.base_channels
-  assert small.total_steps * 2 == default.total_steps
+def test_digits_small_halves_the_former_default_base32_and_rejects_unknown_arguments():
+  base32, small = load_config("digits", "base32"), load_config("digits", "small")
+  assert small.model.base_channels * 2 == base32.model.base_channels == 32
+  assert small.total_steps * 2 == base32.total_steps == 2400
   assert 0 < small.perceptual.start_step < small.total_steps
+  # 'base32' is the default before 2026-11-30 as recorded then, key for key.
+  assert record_configs.typed(base32) == {**record_configs.typed(load_config("digits")),
+                                          **RECORDED["configs"]["digits"]}
   for bad in ("big", "small,foo"):
     with pytest.raises(ValueError, match="unknown argument"):
       load_config("digits", bad)
-  with pytest.raises(ValueError, match="two sizes"):
-    load_config("digits", "tiny,small")
+  for both in ("tiny,small", "base32,small", "tiny,base32"):
+    with pytest.raises(ValueError, match="are different sizes"):
+      load_config("digits", both)
 
 
 def test_topologies_shard_as_documented():

@@ -307,12 +307,39 @@ def test_classifier_save_load_round_trip_and_bad_files(trained, digit_sets, tmp_
 def test_cached_classifier_trains_once_then_loads(trained, digit_sets, tmp_path, monkeypatch):
   classifier, _ = trained
   calls = []
+  monkeypatch.delenv(dc.SHARED_CACHE_ENV, raising=False)
   monkeypatch.setattr(dc, "train_classifier", lambda **kw: calls.append(kw) or classifier)
   first = dc.cached_classifier(str(tmp_path), seed=0, steps=7)
   second = dc.cached_classifier(str(tmp_path), seed=0, steps=7)
   assert calls == [{"seed": 0, "steps": 7}]
   assert (tmp_path / "digits_classifier_seed0_steps7.npz").is_file()
   np.testing.assert_array_equal(second.logits(digit_sets["test"]), first.logits(digit_sets["test"]))
+
+
+@pytest.mark.slow
+def test_the_shared_cache_serves_other_processes_and_a_corrupt_one_is_trained_again(trained, digit_sets, tmp_path,
+                                                                                   monkeypatch, capsys):
+  classifier, _ = trained
+  calls = []
+  monkeypatch.setenv(dc.SHARED_CACHE_ENV, str(tmp_path / "shared"))
+  monkeypatch.setattr(dc, "train_classifier", lambda **kw: calls.append(kw) or classifier)
+  dc._trained_in_process.cache_clear()  # each cache_clear below stands for another process
+  try:
+    dc.cached_classifier(str(tmp_path / "a"), seed=0, steps=9)
+    dc._trained_in_process.cache_clear()
+    other = dc.cached_classifier(str(tmp_path / "b"), seed=0, steps=9)  # another workdir, another process
+    assert calls == [{"seed": 0, "steps": 9}] and (tmp_path / "b" / "digits_classifier_seed0_steps9.npz").is_file()
+    np.testing.assert_array_equal(other.logits(digit_sets["test"]), classifier.logits(digit_sets["test"]))
+    shared, = (tmp_path / "shared").glob("digits_classifier_seed0_steps9_*.npz")
+    shared.write_bytes(b"not a zip")
+    dc._trained_in_process.cache_clear()
+    dc.cached_classifier(str(tmp_path / "c"), seed=0, steps=9)
+    assert len(calls) == 2 and "training the classifier again and replacing it" in capsys.readouterr().out
+    dc._trained_in_process.cache_clear()
+    dc.cached_classifier(str(tmp_path / "d"), seed=0, steps=9)
+    assert len(calls) == 2  # the replaced file is whole again
+  finally:
+    dc._trained_in_process.cache_clear()  # no patched classifier left for the other tests of this process
 
 
 def test_compiled_init_gives_the_eager_init_bit_for_bit():

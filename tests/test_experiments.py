@@ -76,7 +76,8 @@ def test_comparison_resumes_after_a_kill_and_never_redoes_a_finished_stage(digit
   config = override(digits_config("tiny"), **{
       "total_steps": 6, "perceptual.start_step": 3, "checkpoint_every": 3, "log_every": 3, "sample_every": 0,
       "eval.num_samples": 20, "sample.num_samples": 10, "sample.steps": 4,
-      "experiment.guidance_scales": (1.0, 2.0), "finetune.sampling_ema": "restart"})
+      "experiment.guidance_scales": (1.0, 2.0), "finetune.sampling_ema": "restart",
+      "model.channel_mult": (1,), "model.attention_resolutions": (8,)})  # a one-level U-Net: compiles faster
   workdir = str(tmp_path / "cmp")
   calls = {"train": [], "eval": []}
   real_train, real_eval = train.train_and_evaluate, modes.evaluate_checkpoint
@@ -135,12 +136,12 @@ def test_the_report_says_the_recipe_of_the_branches(digits_config):
   config = override(digits_config(""), **{"finetune.decay": "cosine", "finetune.sampling_ema": "carry"})
   assert experiments.recipe(config) == (
       "online params from the pre-trained sampling EMA, the pre-training's optimizer state, sampling EMA carried on "
-      "at its full decay, learning rate 0.001 without warm-up, cosine")
+      "at its full decay, learning rate 0.002 without warm-up, cosine")
   config = override(config, **{"finetune.online_start": "online", "finetune.optimizer_state": "reset",
                                "finetune.sampling_ema": "restart", "finetune.decay": "run"})
   assert experiments.recipe(config) == (
       "online params from the pre-trained online params, a fresh optimizer state, sampling EMA warmed up anew, "
-      "learning rate as optimizer.* over the branch's steps (0.001 after 200 warm-up steps, cosine)")
+      "learning rate as optimizer.* over the branch's steps (0.002 after 200 warm-up steps, cosine)")
 
 
 # Seeds and variants (issue 25, items 2 and 3).

@@ -147,6 +147,7 @@ def test_tap_names_are_the_project_unets(variants):
 # --- full-size layouts -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the full-size network traced (abstract): the small parity tests cover the fast subset
 @pytest.mark.parametrize("name, config, count", [("sd21_base", model.SD2, SD21_PARAMETERS),
                                                  ("sd15", model.SD1, SD15_PARAMETERS)])
 def test_full_size_layout_equals_diffusers(layouts, name, config, count):
@@ -158,6 +159,7 @@ def test_full_size_layout_equals_diffusers(layouts, name, config, count):
   convert.check_shapes(reference, config=config)
 
 
+@pytest.mark.slow  # the full-size network traced (abstract): the small parity tests cover the fast subset
 def test_full_size_parameter_count_from_abstract_init():
   """jax.eval_shape of SD 2.1's U-Net (no memory is allocated): 865,910,724 parameters, all float32."""
   net = model.UNet2DConditionModel(model.SD2, dtype=jnp.bfloat16)

@@ -4,12 +4,13 @@ give it (the command line in subprocesses: test_main.py; the fine-tuning recipe:
 import json
 import os
 import shutil
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from selfperc_jax import checkpoint, modes, periodic, train
+from selfperc_jax import checkpoint, logging_utils, modes, periodic, train
 from selfperc_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from selfperc_jax.setup import Setup
 
@@ -51,6 +52,19 @@ def test_is_due_every_n_steps_at_the_first_and_last_step_and_where_a_call_stops(
   due = lambda every, total=10, **k: [s for s in range(1, total + 1) if periodic.is_due(s, every, total, **k)]
   assert due(4) == [4, 8, 10] and due(4, last=False) == [4, 8] and due(4, first=True) == [1, 4, 8, 10]
   assert due(4, stop=7) == [4, 7, 8, 10] and due(0, stop=7) == [] and due(0, first=True) == []  # 0: never
+
+
+def test_next_due_is_the_first_later_step_is_due_says_and_the_console_announces_it(tmp_path, monkeypatch, capsys):
+  for every, total in ((4, 10), (3, 9), (1, 5), (7, 7), (0, 10)):
+    for step in range(0, total + 1):
+      later = [s for s in range(step + 1, total + 1) if periodic.is_due(s, every, total)]
+      assert periodic.next_due(step, every, total) == (later[0] if later else None), (every, total, step)
+  monkeypatch.setitem(sys.modules, "clu", None)
+  logger = logging_utils.MetricLogger(str(tmp_path), total_steps=100, batch_size=2)
+  logger.start(0)
+  monkeypatch.setattr(logging_utils.time, "perf_counter", lambda: logger._last_time + 10.0)  # 10 steps in 10 s
+  logger.write(10, {"loss": 1.0}, upcoming=("sample grid", 40))
+  assert "ETA 1m30s | next sample grid at step 40 (in 0m30s)" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

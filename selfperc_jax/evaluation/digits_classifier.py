@@ -223,9 +223,33 @@ def _training_program(steps: int, learning_rate: float):
   return module, tx, init, step
 
 
+# A folder where the trained classifier is also kept across workdirs and processes (the test suite sets it, so that
+# its many processes train it once); unset, each process trains it at most once and each workdir keeps its copy.
+SHARED_CACHE_ENV = "SELFPERC_JAX_CACHE"
+
+
+def _source_digest() -> str:
+  """This file's digest: a shared cache entry is used only by the code that made it (any edit here may change the
+  classifier, not only its architecture, which load checks)."""
+  import hashlib
+
+  with open(__file__, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
 @functools.lru_cache(maxsize=4)
 def _trained_in_process(seed: int, steps: int) -> DigitsClassifier:
-  return train_classifier(seed=seed, steps=steps)
+  shared = os.environ.get(SHARED_CACHE_ENV)
+  path = fileio.join(shared, f"digits_classifier_seed{seed}_steps{steps}_{_source_digest()}.npz") if shared else None
+  if path and fileio.exists(path):
+    try:
+      return DigitsClassifier.load(path)
+    except EvaluationError as e:  # a cache of something derived: trained again and replaced, with a line
+      print(f"{e} (${SHARED_CACHE_ENV}: training the classifier again and replacing it)", flush=True)
+  classifier = train_classifier(seed=seed, steps=steps)
+  if path:
+    classifier.save(path)  # atomically: a process that reads it meanwhile sees the whole file or none
+  return classifier
 
 
 def cached_classifier(cache_dir: str | None = None, seed: int = 0, steps: int = DEFAULT_STEPS) -> DigitsClassifier:
