@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
-
 from selfperc_jax.errors import EvaluationError, UserError
 from selfperc_jax.evaluation import evaluate
 
