@@ -53,7 +53,10 @@ class PeriodicOutputs:
     c = self.setup.config
     steps = [(s, what) for what, every in (("sample grid", c.sample_every), ("evaluation", c.eval_every))
              if (s := next_due(step, every, c.total_steps)) is not None]
-    return (min(steps)[1], min(steps)[0]) if steps else None
+    if not steps:
+      return None
+    at, what = min(steps, key=lambda s: s[0])  # the first listed (the grid) where both come at the same step
+    return what, at
 
   def _exists(self, action: str, step: int) -> bool:
     workdir = self.setup.workdir

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import sys
+import types
 
 import jax
 import numpy as np
@@ -59,6 +60,10 @@ def test_next_due_is_the_first_later_step_is_due_says_and_the_console_announces_
     for step in range(0, total + 1):
       later = [s for s in range(step + 1, total + 1) if periodic.is_due(s, every, total)]
       assert periodic.next_due(step, every, total) == (later[0] if later else None), (every, total, step)
+  config = override(load_config("digits"), sample_every=500, eval_every=300, total_steps=2000)
+  outputs = periodic.PeriodicOutputs(types.SimpleNamespace(config=config))
+  assert [outputs.upcoming(s) for s in (0, 300, 1400, 1999, 2000)] == [
+      ("evaluation", 300), ("sample grid", 500), ("sample grid", 1500), ("sample grid", 2000), None]
   monkeypatch.setitem(sys.modules, "clu", None)
   logger = logging_utils.MetricLogger(str(tmp_path), total_steps=100, batch_size=2)
   logger.start(0)
