@@ -245,6 +245,7 @@ def test_bad_state_dict_is_one_error_listing_everything(variants):
   assert "README" in message
 
 
+@pytest.mark.slow  # every variant of the layout traced: the parity tests cover the fast subset
 def test_wrong_config_and_other_layouts_are_explained(variants):
   sd1 = variants["sd1"]
   with pytest.raises(convert.StateDictMismatchError, match="proj_in / proj_out shapes differ"):

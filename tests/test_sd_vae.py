@@ -209,6 +209,7 @@ def test_wrong_inputs_are_refused(variables, tiny_config):
 # --- the layout ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the full-size network traced (abstract): the other layout tests cover the fast subset
 def test_full_size_layout_is_diffusers(sd_layout):
   # Every name and shape of diffusers' SD VAE state dict (sd_layout.json), from the Flax model's own eval_shape.
   diffusers = {k: tuple(v) for k, v in sd_layout["shapes"].items()}
