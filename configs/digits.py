@@ -12,7 +12,7 @@ the base config itself (selfperc_jax/config_base.py, where every key is document
 
 Since 2026-11-30 the default is a U-Net of base 24 channels with one residual block per level (427 k params), 1650
 steps of MSE at a peak learning rate of 2e-3 and 350 self-perceptual steps: chosen by measurement (docs/results.md,
-"Choosing the default") to sample as well as the default before it ('base32') in less than half its time.
+"Choosing the default") to sample as well as the default before it ('base32') in fewer and cheaper steps.
 
 Arguments: '' (default), 'tiny', 'mse' (MSE only), 'small' (base 16, two blocks per level, 600 + 600 steps at 1e-3:
 the harder setting of docs/results.md's second comparison, where the pre-trained model is far from converged),

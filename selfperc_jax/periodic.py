@@ -51,12 +51,9 @@ class PeriodicOutputs:
   def upcoming(self, step: int) -> tuple[str, int] | None:
     """The next output after `step` (what, and at which step), for the console: the sample grid if both are due."""
     c = self.setup.config
-    steps = [(s, what) for what, every in (("sample grid", c.sample_every), ("evaluation", c.eval_every))
-             if (s := next_due(step, every, c.total_steps)) is not None]
-    if not steps:
-      return None
-    at, what = min(steps, key=lambda s: s[0])  # the first listed (the grid) where both come at the same step
-    return what, at
+    coming = [(what, at) for what, every in (("sample grid", c.sample_every), ("evaluation", c.eval_every))
+              if (at := next_due(step, every, c.total_steps)) is not None]
+    return min(coming, key=lambda x: x[1], default=None)  # min keeps the first listed (the grid) on a tie
 
   def _exists(self, action: str, step: int) -> bool:
     workdir = self.setup.workdir

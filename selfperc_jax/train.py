@@ -119,7 +119,8 @@ def _steps(setup: Setup, ckpt, state, start: int, step_key, outputs: PeriodicOut
       if log:
         metrics = jax.device_get(metrics)
         metrics["learning_rate"] = setup.lr_schedule(step)
-        last = logger.write(done, metrics, step_flops=setup.step_flops(step, (state, batch, step_key)), upcoming=outputs.upcoming(done))
+        last = logger.write(done, metrics, step_flops=setup.step_flops(step, (state, batch, step_key)),
+                            upcoming=outputs.upcoming(done))
       if save:
         ckpt.save(done, state, setup.pipeline.get_state(), config)
       outputs.write(state.ema_params, done, due)

@@ -338,6 +338,11 @@ def test_the_shared_cache_serves_other_processes_and_a_corrupt_one_is_trained_ag
     dc._trained_in_process.cache_clear()
     dc.cached_classifier(str(tmp_path / "d"), seed=0, steps=9)
     assert len(calls) == 2  # the replaced file is whole again
+    (tmp_path / "a_file").write_text("")  # a cache folder that cannot be made: a warning line, the evaluation goes on
+    monkeypatch.setenv(dc.SHARED_CACHE_ENV, str(tmp_path / "a_file" / "cache"))
+    dc._trained_in_process.cache_clear()
+    assert dc.cached_classifier(str(tmp_path / "e"), seed=0, steps=9) is not None and len(calls) == 3
+    assert "cannot keep the digits classifier" in capsys.readouterr().out
   finally:
     dc._trained_in_process.cache_clear()  # no patched classifier left for the other tests of this process
 

@@ -248,7 +248,11 @@ def _trained_in_process(seed: int, steps: int) -> DigitsClassifier:
       print(f"{e} (${SHARED_CACHE_ENV}: training the classifier again and replacing it)", flush=True)
   classifier = train_classifier(seed=seed, steps=steps)
   if path:
-    classifier.save(path)  # atomically: a process that reads it meanwhile sees the whole file or none
+    try:
+      classifier.save(path)  # atomically: a process that reads it meanwhile sees the whole file or none
+    except OSError as e:  # an optional cache: the evaluation goes on without it
+      print(f"warning: ${SHARED_CACHE_ENV}={shared!r} cannot keep the digits classifier ({e}); set it to a writable "
+            "folder, or unset it", flush=True)
   return classifier
 
 
