@@ -1,10 +1,16 @@
 """What the model is conditioned on, decided once from the config (`condition`): the class of each example (digits,
-ImageNet), or nothing (unconditional). The step, the copy of the perceptual loss, classifier-free guidance and the
-draws of samples and evaluations take the condition through this module, and branch on nothing else.
+ImageNet), a text prompt's embedding (Stable Diffusion), or nothing (unconditional). The step, the copy of the
+perceptual loss, classifier-free guidance and the draws of samples and evaluations take the condition through this
+module, and branch on nothing else.
 
-A condition is an int32 per example, `y` (what `models.unet.UNet` takes):
-- 'class': the example's class; `null` (= num_classes) is the "no class" input of classifier-free guidance and of
-  label dropout. Draws are class-balanced and class-sorted (one grid row per class).
+A condition `y` is what the model takes beside x and t, one per example:
+- 'class': the example's class, int32; `null` (= num_classes) is the "no class" input of classifier-free guidance and
+  of label dropout. Draws are class-balanced and class-sorted (one grid row per class).
+- 'text': the text encoder's hidden states of the example's prompt, float32 (L, D) (selfperc_jax/text.py; SD: 77 x
+  1024); `null` is the empty prompt's, as Stable Diffusion trains and guides. A draw is a prompt index per sample
+  (sample.prompts, each repeated alike: one grid row per prompt); `model_inputs` turns the indices of a chunk into
+  their embeddings on the host, so a draw of any size holds one row per prompt. Guidance's unconditional input is the
+  negative prompt's embedding where sample.negative_prompt is set (`guidance_null`), as in diffusers' pipelines.
 - 'none': every y is 0 and the U-Net has no class embedding, so y reaches nothing; there is no null condition, no
   label dropout and no guidance (validation refuses settings that need them). Draws are unlabelled: y = 0 for all.
 """
@@ -17,17 +23,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("class", "none")
+KINDS = ("class", "text", "none")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Conditioning:
   kind: str = "class"
-  num_classes: int = 10  # the data set's
+  num_classes: int = 10  # the data set's ('class')
+  # 'text': the empty prompt's (L, D) embedding, the prompts' (P, L, D) of a draw, the negative prompt's (L, D) or None.
+  null_embedding: np.ndarray | None = None
+  prompt_embeddings: np.ndarray | None = None
+  negative_embedding: np.ndarray | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"condition={self.kind!r} is not known; choose one of {KINDS}.")
+    if self.kind == "text" and self.null_embedding is None:
+      raise ValueError("condition='text' needs the empty prompt's embedding (null_embedding).")
 
   @property
   def conditional(self) -> bool:
@@ -36,36 +48,69 @@ class Conditioning:
   @property
   def model_classes(self) -> int:
     """The class count the U-Net embeds (0: no class embedding)."""
-    return self.num_classes if self.conditional else 0
+    return self.num_classes if self.kind == "class" else 0
 
   @property
-  def null(self) -> int | None:
-    """The condition that says "no class" (guidance, label dropout); None when there is no condition at all."""
+  def null(self):
+    """The condition that says "no class" / "no prompt" (label dropout, guidance): the null class (int), the empty
+    prompt's embedding (an (L, D) array); None when there is no condition at all."""
+    if self.kind == "text":
+      return self.null_embedding
     return self.num_classes if self.conditional else None
 
+  @property
+  def guidance_null(self):
+    """Guidance's unconditional input: the negative prompt's embedding where one is set, else `null`."""
+    if self.kind == "text" and self.negative_embedding is not None:
+      return self.negative_embedding
+    return self.null
+
+  def example(self, batch: int = 1) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of a batch of conditions (the model's init and the step's abstract batch)."""
+    if self.kind == "text":
+      return jax.ShapeDtypeStruct((batch,) + self.null_embedding.shape, jnp.float32)
+    return jax.ShapeDtypeStruct((batch,), jnp.int32)
+
   def from_labels(self, labels: jax.Array) -> jax.Array:
-    """The condition of a batch of examples with these data-set labels."""
+    """The condition of a batch of examples with these data-set labels (text: their prompts' embeddings)."""
+    if self.kind == "text":
+      return jnp.asarray(labels, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
     return labels if self.conditional else jnp.zeros_like(labels)
+
+  def _null_like(self, y: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.asarray(self.null, y.dtype), y.shape)
 
   def drop(self, key: jax.Array, y: jax.Array, rate: float) -> jax.Array:
     """Each example's condition replaced by the null one with probability `rate` (training for guidance). The draw
     is made whatever the kind, so that the step's other random numbers do not depend on it."""
     dropped = jax.random.uniform(key, y.shape[:1]) < rate
-    return jnp.where(dropped, self.null, y) if self.conditional else y
+    if not self.conditional:
+      return y
+    return jnp.where(dropped.reshape((-1,) + (1,) * (y.ndim - 1)), self._null_like(y), y)
 
   def for_copy(self, y: jax.Array, which: str) -> jax.Array:
     """The condition the perceptual copy sees: the online model's ('same') or the null one ('null')."""
     if which == "same" or not self.conditional:
       return y
-    return jnp.full_like(y, self.null)
+    return self._null_like(y)
 
   def draw(self, num_samples: int, classes=()) -> np.ndarray:
-    """The conditions of a draw of num_samples samples: `class_labels` of `classes` (empty: all) for 'class';
-    num_samples zeros for 'none'."""
+    """The conditions of a draw of num_samples samples: `class_labels` of `classes` (empty: all) for 'class'; prompt
+    indices for 'text' (each prompt alike, in order: `class_labels` over the prompts); num_samples zeros for
+    'none'."""
     if not self.conditional:
       return np.zeros(int(num_samples), np.int32)
+    if self.kind == "text":
+      return class_labels(int(num_samples), len(self.prompt_embeddings))
     return class_labels(int(num_samples), self.num_classes, classes)
+
+  def model_inputs(self, drawn: np.ndarray) -> np.ndarray:
+    """What the model takes for the conditions of a draw (on the host, a chunk at a time): the drawn labels
+    themselves, or for 'text' the embeddings of the drawn prompt indices."""
+    if self.kind == "text":
+      return self.prompt_embeddings[np.asarray(drawn)]
+    return np.asarray(drawn, np.int32)
 
 
 def class_labels(num_samples: int, num_classes: int, classes=()) -> np.ndarray:
@@ -79,4 +124,12 @@ def class_labels(num_samples: int, num_classes: int, classes=()) -> np.ndarray:
 
 
 def from_config(config) -> Conditioning:
-  return Conditioning(kind=config.condition, num_classes=int(config.model.num_classes))
+  """The config's conditioning; 'text' encodes the empty prompt, sample.prompts (+ sample.prompts_file) and
+  sample.negative_prompt with the text encoder of config.pretrained (once per process: selfperc_jax/text.py)."""
+  if config.condition != "text":
+    return Conditioning(kind=config.condition, num_classes=int(config.model.num_classes))
+  from selfperc_jax import text
+
+  encoded = text.encode_for_config(config)
+  return Conditioning(kind="text", num_classes=0, null_embedding=encoded.null, prompt_embeddings=encoded.prompts,
+                      negative_embedding=encoded.negative)

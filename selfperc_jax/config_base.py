@@ -33,8 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # the data order and flips, and the training draws (init, t, noise, label dropout)
   # What the model is conditioned on (selfperc_jax/conditioning.py): 'class' (the data set's labels; a null class for
-  # guidance), or 'none' (unconditional: no class embedding, label dropout or guidance; draws are not class-balanced).
+  # guidance), 'text' (prompts through the text encoder of `pretrained`; the empty prompt for guidance), or 'none'
+  # (unconditional: no class embedding, label dropout or guidance; draws are not class-balanced).
   config.condition = "class"
+  # A Stable Diffusion model folder in diffusers' layout (unet/, text_encoder/, tokenizer/, vae/, scheduler/;
+  # selfperc_jax/pretrained.py), for model.arch='sd': its U-Net, text encoder and VAE; its scheduler_config.json must
+  # agree with diffusion.* and sample.* (checked at start).
+  config.pretrained = ""
   config.total_steps = 2000  # optimizer steps of the whole run, pre-training included
   config.batch_size = 128  # global, over all hosts and devices
   config.log_every = 100  # steps between rows of metrics.jsonl
@@ -53,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_from = ""
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "digits"  # 'digits' (scikit-learn's, shipped with it) | 'imagenet2012' (TFDS, prepared once)
+  # 'digits' (scikit-learn's, shipped with it) | 'imagenet2012' (TFDS, prepared once) | 'none' (a model folder that
+  # is only sampled)
+  config.data.name = "digits"
   # digits: 'train' (the first 1500), 'test' (the other 297) or 'all'; imagenet2012: 'train' or 'validation'
   config.data.split = "train"
   config.data.image_size = 8  # digits: other sizes resize the 8x8 images (bilinear); imagenet2012: ADM's centre crop
@@ -77,7 +84,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.latent.shard_size = 1000  # examples per encoded shard (the unit a rerun of the encoder skips)
   config.latent.encode_batch_size = 64  # images per encoder call, per process
 
-  config.model = ml_collections.ConfigDict()  # the U-Net (selfperc_jax/models/unet.py)
+  config.model = ml_collections.ConfigDict()  # the denoiser
+  # 'adm': the ADM-style U-Net of selfperc_jax/models/unet.py, with the keys below; 'sd': Stable Diffusion's U-Net,
+  # its layout read from pretrained's unet/ (selfperc_jax/models/sd.py; of the keys below only dtype, remat and
+  # attention apply).
+  config.model.arch = "adm"
   config.model.base_channels = 24  # channels of the first level
   config.model.channel_mult = (1, 2)  # each level's channels in base_channels; each level halves the size
   config.model.num_res_blocks = 1  # residual blocks per level
@@ -196,6 +207,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.batch_size = 512
   config.sample.seed = 0  # the grids' noise: the same at every step, so that grids compare
   config.sample.classes = ()  # the classes of the training-time grids (empty: all)
+  # condition='text': the prompts of a draw, each drawn alike (one grid row per prompt), from sample.prompts then
+  # the lines of sample.prompts_file; guidance's unconditional input is sample.negative_prompt's embedding, or the
+  # empty prompt's where it is ''.
+  config.sample.prompts = ()
+  config.sample.prompts_file = ""
+  config.sample.negative_prompt = ""
 
   config.eval = ml_collections.ConfigDict()  # --mode=eval and eval_every; sampler etc. from sample.*
   config.eval.num_samples = 1000  # rounded up to a multiple of the class count

@@ -11,12 +11,13 @@ only uint8 images or features ever leave the devices, through `sharding.to_host`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Callable, Iterator
 
 import jax
 import numpy as np
 
-from selfperc_jax import conditioning, fileio, images, samplers, sharding, space
+from selfperc_jax import conditioning, config_tree, fileio, images, samplers, sharding, space
 from selfperc_jax.logging_utils import Progress
 
 GRID_MAX = 256  # a sample grid shows at most this many images (the first ones, class-sorted)
@@ -34,7 +35,8 @@ def draw_labels(config, *, evaluation: bool = False) -> np.ndarray:
 def sampling_name(config) -> str:
   """A name per sampling setting of a config (sampler, steps, guidance, and where they differ from the project's
   defaults the timesteps, the final step and the zero-SNR anchor), e.g. 'ddim50_cfg2_rescale0.7' or
-  'ddim25_cfg1_trailing_final-first_timestep_anchor-first_timestep': file names and the start of
+  'ddim25_cfg1_trailing_final-first_timestep_anchor-first_timestep' (text conditions add '_prompts-<digest>' and
+  '_negative-<digest>' of the prompts' and the negative prompt's text): file names and the start of
   evaluation.evaluate.setting_name, so that they never collide between settings."""
   s = config.sample
   name = f"{s.sampler}{s.steps}_cfg{s.guidance_scale:g}"
@@ -50,7 +52,17 @@ def sampling_name(config) -> str:
     name += f"_final-{s.final_step}"
   if config.diffusion.zero_snr_anchor != "clean":
     name += f"_anchor-{config.diffusion.zero_snr_anchor}"
+  if config_tree.lookup(config, "condition") == "text":  # the prompts and negative prompt, by the digest of their text
+    from selfperc_jax import text
+
+    name += f"_prompts-{_digest(text.prompts_of(config))}"
+    if s.negative_prompt:
+      name += f"_negative-{_digest([s.negative_prompt])}"
   return name
+
+
+def _digest(strings) -> str:
+  return hashlib.sha1("\n".join(strings).encode("utf-8")).hexdigest()[:8]
 
 
 @dataclasses.dataclass
@@ -75,7 +87,8 @@ class Generator:
   """
 
   def __init__(self, config, model, schedule, model_shape, mesh, embed_fn: Callable | None = None,
-               embed_variables=None, decoder: space.Decoder = space.Decoder()):
+               embed_variables=None, decoder: space.Decoder = space.Decoder(),
+               cond: conditioning.Conditioning | None = None):
     s = config.sample
     sharding.check_divisible(int(s.batch_size), "sample.batch_size", mesh)
     self.mesh = mesh
@@ -89,8 +102,9 @@ class Generator:
     self._decode_variables = sharding.replicate(decoder.variables, mesh) if decoder.decode_fn is not None else None
     batch = sharding.batch_sharding(mesh)
     clip_x0 = space.clips_x0(config)
-    cond = conditioning.from_config(config)
-    null = cond.null  # guidance's "no class" (None: unconditional)
+    cond = conditioning.from_config(config) if cond is None else cond
+    self._model_inputs = cond.model_inputs  # a draw's labels -> what the model takes (text: prompt embeddings)
+    null = cond.guidance_null  # guidance's "no class" / empty or negative prompt (None: unconditional)
     self.labelled = cond.conditional  # whether a sample's label means anything (files, grids, class accuracy)
 
     def draw_chunk(params, embed_variables, decode_variables, seed, labels, indices):
@@ -117,7 +131,8 @@ class Generator:
 
   def lower(self, params, seed: int = 0):
     """The lowered chunk computation (e.g. for its memory analysis): the same for any number of samples."""
-    labels, indices = self._place(np.zeros(self.chunk_size, np.int32), np.arange(self.chunk_size, dtype=np.int32))
+    labels, indices = self._place(self._model_inputs(np.zeros(self.chunk_size, np.int32)),
+                                  np.arange(self.chunk_size, dtype=np.int32))
     return self._draw.lower(params, self._embed_variables, self._decode_variables, seed, labels, indices)
 
   def _place(self, labels, indices):
@@ -135,7 +150,7 @@ class Generator:
       indices = np.arange(lo, lo + size, dtype=np.int32)  # positions past n are drawn and dropped
       chunk_labels = np.concatenate([labels[lo:hi], np.full(lo + size - hi, labels[hi - 1], np.int32)])
       out = self._draw(params, self._embed_variables, self._decode_variables, seed,
-                       *self._place(chunk_labels, indices))
+                       *self._place(self._model_inputs(chunk_labels), indices))
       if not with_images:
         out.pop("images")
       return lo, hi, out

@@ -18,6 +18,7 @@ import numpy as np
 
 from selfperc_jax import space
 from selfperc_jax.data import digits, imagenet  # TFDS and scikit-learn are imported on use
+from selfperc_jax.data.datasets import NO_DATA
 from selfperc_jax.errors import ConfigError
 
 
@@ -53,6 +54,10 @@ class _Arrays(Sequence):
 
 def open_source(config) -> Sequence:
   """What the model trains on: the images of config.data, or their encoded latents (space.py decides)."""
+  if config.data.name == NO_DATA:
+    raise ConfigError("data.name='none' has no images to train on: this config samples a model folder "
+                      "(--mode=sample). Training a text-conditioned model needs a captioned data set, which this "
+                      "project does not read yet.")
   return space.open_latents(config) if space.is_latent(config) else open_image_source(config.data)
 
 

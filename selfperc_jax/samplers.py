@@ -141,9 +141,12 @@ def _per_example_std(x):
   return jnp.std(x.reshape(x.shape[0], -1), axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def guided(denoise_fn: DenoiseFn, guidance_scale: float, null_class: int, rescale: float = 0.0,
+def guided(denoise_fn: DenoiseFn, guidance_scale: float, null_class, rescale: float = 0.0,
            interval: tuple[float, float] = (0.0, 1.0)) -> DenoiseFn:
   """Classifier-free guidance: uncond + s (cond - uncond), both branches in one batched call. s = 1 is unguided.
+
+  null_class: the unconditional input (conditioning.Conditioning.guidance_null), broadcast to each example's
+  condition: the null class, or the empty (or negative) prompt's (L, D) embedding.
 
   rescale (phi, Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Sec. 3.4): the
   guided output is scaled per example to the standard deviation of the conditional output, and mixed as
@@ -157,7 +160,7 @@ def guided(denoise_fn: DenoiseFn, guidance_scale: float, null_class: int, rescal
   t_lo, t_hi = (float(v) for v in interval)
 
   def fn(x, t, y):
-    both = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, jnp.full_like(y, null_class)]))
+    both = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, _broadcast_null(null_class, y)]))
     cond, uncond = jnp.split(both, 2)
     out = uncond + guidance_scale * (cond - uncond)
     if rescale:
@@ -169,6 +172,10 @@ def guided(denoise_fn: DenoiseFn, guidance_scale: float, null_class: int, rescal
     return out
 
   return fn
+
+
+def _broadcast_null(null, y):
+  return jnp.broadcast_to(jnp.asarray(null, y.dtype), y.shape)
 
 
 def _x0_eps(denoise_fn, prediction, x, t, alpha, sigma, y):
@@ -200,7 +207,7 @@ def sample(
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] = (0.0, 1.0),
-    null_class: int | None = None,
+    null_class=None,
     clip_x0: bool = True,
     timestep_spacing: str = "project",
     steps_offset: int = 0,

@@ -9,8 +9,8 @@ import ml_collections
 
 from selfperc_jax import (checkpoint, conditioning, config_tree, diffusion, fileio, flops, generate, input_pipeline,
                           sharding, space, step as step_lib, validation)
+from selfperc_jax import models
 from selfperc_jax.evaluation import evaluate
-from selfperc_jax.models import unet
 
 
 class Setup:
@@ -29,11 +29,12 @@ class Setup:
     rows = sharding.process_rows(self.mesh, config.batch_size)
     self.pipeline = input_pipeline.build(config, rows) if with_data else None
     self.model_shape = space.model_shape(config)  # images, or their latents
-    self.conditioning = conditioning.from_config(config)  # class or none
-    self.model = unet.unet_from_config(config.model, self.model_shape[-1], self.conditioning.model_classes)
+    self.conditioning = conditioning.from_config(config)  # class, text or none
+    self.model = models.from_config(config, self.model_shape[-1], self.conditioning.model_classes)
     self.schedule = diffusion.schedule_from_config(config.diffusion)
     self.tx, self.lr_schedule = step_lib.make_optimizer(config)
-    self.init_fn = lambda key: step_lib.init_state(config, self.model, self.tx, key, self.model_shape)
+    self.init_fn = lambda key: step_lib.init_state(config, self.model, self.tx, key, self.model_shape,
+                                                   self.conditioning.example())
     abstract_state = jax.eval_shape(self.init_fn, jax.random.key(0))
     self.state_sharding = sharding.state_shardings(self.mesh, abstract_state, config.mesh.fsdp_min_size)
     self.abstract_state = jax.tree.map(
@@ -45,7 +46,7 @@ class Setup:
     phase = step_lib.perceptual_phase(self.config, step)
     if phase not in self._step_fns:
       fn = step_lib.make_train_step(self.config, self.model, self.schedule, self.tx, phase=phase,
-                                    learning_rate=self.lr_schedule)
+                                    learning_rate=self.lr_schedule, cond=self.conditioning)
       self._step_fns[phase] = sharding.jit_train_step(fn, self.mesh, self.state_sharding)
     return self._step_fns[phase]
 
@@ -73,8 +74,9 @@ class Setup:
   def abstract_batch(self) -> dict:
     """The global training batch's shapes, dtypes and sharding (for lowering the step without data)."""
     batch, b = sharding.batch_sharding(self.mesh), self.config.batch_size
+    label = self.conditioning.example(b)
     return {"image": jax.ShapeDtypeStruct((b,) + tuple(self.model_shape), jnp.float32, sharding=batch),
-            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch)}
+            "label": jax.ShapeDtypeStruct(label.shape, label.dtype, sharding=batch)}
 
   def step_flops(self, step: int, args: tuple | None = None) -> float | None:
     """XLA's FLOPs per device of the train step of `step`'s phase (the lowered program's cost analysis over the
@@ -96,7 +98,7 @@ class Setup:
     if self._decoder is None:
       self._decoder = space.decoder(self.config)  # (the VAE's decoder in latent space: loaded on first use)
     return generate.Generator(self.config, self.model, self.schedule, self.model_shape, self.mesh, embed_fn,
-                              embed_variables, self._decoder)
+                              embed_variables, self._decoder, self.conditioning)
 
   def evaluator(self) -> evaluate.Evaluator:
     return evaluate.Evaluator(self.config, self.workdir, self.generator)

@@ -100,11 +100,25 @@ class Decoder:
   variables: Any = None
 
 
+def latent_section(config):
+  """config.latent, with latent.vae_weights = the model folder's vae/ weights where it is empty and config.pretrained
+  names a Stable Diffusion folder (selfperc_jax/pretrained.py)."""
+  lc = config.latent
+  folder = config_tree.lookup(config, "pretrained")
+  if lc.vae_weights or not folder:
+    return lc
+  from selfperc_jax import pretrained
+
+  lc = type(lc)(lc.to_dict())
+  lc.vae_weights = pretrained.vae_weights(pretrained.folder_of(config))
+  return lc
+
+
 def decoder(config) -> Decoder:
   """What turns the model's samples into images: nothing in pixel space, the VAE's decoder in latent space."""
   if not is_latent(config):
     return Decoder()
-  vae, variables = load_vae(config.latent)
+  vae, variables = load_vae(latent_section(config))
   scale = vae.config.scaling_factor
   decoder_params = {"params": {k: v for k, v in variables["params"].items() if k in ("decoder", "post_quant_conv")}}
 

@@ -108,10 +108,12 @@ def make_optimizer(config):
   return optax.chain(*parts), learning_rate_fn(config)
 
 
-def init_state(config, model: nn.Module, tx, key, image_shape) -> TrainState:
-  """A fresh state; the EMA and the perceptual copy start equal to the online params."""
+def init_state(config, model: nn.Module, tx, key, image_shape, condition=None) -> TrainState:
+  """A fresh state; the EMA and the perceptual copy start equal to the online params. condition: the shape and
+  dtype of one example's condition batch (conditioning.Conditioning.example; default a class label)."""
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  params = model.init(key, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
+  condition = condition or jax.ShapeDtypeStruct((1,), jnp.int32)
+  params = model.init(key, x, jnp.full((1,), 0.5), jnp.zeros(condition.shape, condition.dtype))["params"]
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -172,7 +174,8 @@ def _accumulated(grad_fn, params, examples, dropout_key, n: int):
   return jax.tree.map(lambda x: x / n, total)
 
 
-def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, phase: bool, learning_rate=None):
+def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, phase: bool, learning_rate=None,
+                    cond: conditioning.Conditioning | None = None):
   """Builds `train_step(state, batch, base_key) -> (state, metrics)`; batch = {'image': NHWC in [-1,1], 'label'}.
 
   tx's updates are multiplied by learning_rate(state.step) (default `learning_rate_fn(config)`; see
@@ -190,7 +193,7 @@ def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, 
   loss_cfg, p_cfg, prediction = config.loss, config.perceptual, config.diffusion.prediction
   if phase and not has_perceptual(config):
     raise ValueError("phase=True (the self-perceptual phase) needs perceptual.weight > 0.")
-  cond = conditioning.from_config(config)
+  cond = conditioning.from_config(config) if cond is None else cond
   taps = tuple(p_cfg.taps)
 
   accumulate = int(config.optimizer.accumulate_steps)

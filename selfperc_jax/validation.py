@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import difflib
 
-from selfperc_jax import conditioning, config_base, config_tree, diffusion, losses, samplers, space, stages
+import os
+
+from selfperc_jax import (conditioning, config_base, config_tree, diffusion, losses, models, pretrained, samplers,
+                          scheduler_config, space, stages)
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.data.datasets import DATASETS
 from selfperc_jax.evaluation import evaluate
@@ -82,9 +85,63 @@ def _check_latent(config) -> None:
            "encode with it), or data.random_flip=False.")
 
 
+def _check_adm(config) -> None:
+  m = config.model
+  _require(m.base_channels >= 1 and len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
+           f"model.base_channels={m.base_channels} and model.channel_mult={tuple(m.channel_mult)} must be positive.")
+  _require(m.num_res_blocks >= 1, f"model.num_res_blocks={m.num_res_blocks} must be >= 1.")
+  _require(m.num_classes >= 1, f"model.num_classes={m.num_classes} must be >= 1.")
+  _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
+  _require(m.head_channels >= 0, f"model.head_channels={m.head_channels} must be >= 0 (0: use model.num_heads).")
+  for i, mult in enumerate(m.channel_mult):
+    what, per = ("model.head_channels", m.head_channels) if m.head_channels else ("model.num_heads", m.num_heads)
+    _require((m.base_channels * mult) % per == 0,
+             f"{what}={per} must divide the channels of every level (level {i} has {m.base_channels * mult}).")
+
+
+def _check_pretrained(config) -> tuple[str, ...]:
+  """model.arch='sd': the model folder is complete, the config is in its latent space with text conditions, and
+  diffusion.* / sample.* agree with the folder's scheduler_config.json (every disagreement named at once). Returns
+  the U-Net's taps."""
+  from third_party.sd_unet import convert as sd_convert, model as sd_model
+
+  _require(bool(config.pretrained),
+           "model.arch='sd' reads Stable Diffusion's U-Net from a model folder: set --config.pretrained=FOLDER "
+           f"({pretrained.HINT}).")
+  folder = pretrained.folder_of(config)
+  pretrained.check_folder(folder)
+  _require(config.condition == "text", f"model.arch='sd' is text-conditioned: set condition='text' (not "
+                                       f"{config.condition!r}).")
+  _require(config.latent.vae == "sd", f"model.arch='sd' works on Stable Diffusion's latents: set latent.vae='sd' "
+                                      f"(not {config.latent.vae!r}).")
+  _require(config.diffusion.timesteps > 0, "model.arch='sd' takes diffusers' integer timesteps: set "
+                                           "diffusion.timesteps to the scheduler's num_train_timesteps (1000).")
+  path = pretrained.scheduler_config_path(folder)
+  lines = scheduler_config.check_config(config, scheduler_config.read_scheduler_config(path), source=path)
+  _require(not lines, "the config disagrees with the model folder's scheduler config:\n  " + "\n  ".join(lines))
+  levels = sd_convert.load_config(pretrained.unet_files(folder)[0]).num_levels
+  return sd_model.tap_names(levels)
+
+
 def _check_condition(config) -> None:
-  """An unconditional model has no class input: every setting that needs one is refused, each with its fix."""
+  """An unconditional model has no class input: every setting that needs one is refused, each with its fix. A text
+  condition needs Stable Diffusion's U-Net (model.arch='sd') and prompts to draw from."""
   _one_of(config.condition, conditioning.KINDS, "condition")
+  if config.condition == "text":
+    _require(config.model.arch == "sd", "condition='text' needs a text-conditioned U-Net: set model.arch='sd' and "
+                                        "pretrained=FOLDER (configs/sd21_base.py).")
+    s = config.sample
+    _require(all(isinstance(p, str) for p in s.prompts),
+             f"sample.prompts={tuple(s.prompts)!r} must be strings, e.g. --config.sample.prompts='(\"a cat\",)'.")
+    _require(not s.prompts_file or os.path.isfile(os.path.expanduser(s.prompts_file)),
+             f"sample.prompts_file={s.prompts_file!r} is not a file (one prompt per line).")
+    _require(isinstance(s.negative_prompt, str), "sample.negative_prompt must be a string ('' for none).")
+    _require(config.eval_every == 0, "condition='text': evaluating a text-to-image model is not built yet; set "
+                                     "eval_every=0 and draw samples with --mode=sample.")
+    return
+  _require(not config.sample.prompts and not config.sample.prompts_file and not config.sample.negative_prompt,
+           f"sample.prompts / prompts_file / negative_prompt are for condition='text'; this config's condition is "
+           f"{config.condition!r}: clear them.")
   if config.condition != "none":
     return
   why = "condition='none' (unconditional) has no class input"
@@ -227,8 +284,11 @@ def validate(config) -> None:
   _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 turns periodic evaluation off).")
   _one_of(config.data.name, tuple(DATASETS), "data.name")
   data_set = DATASETS[config.data.name]
-  _one_of(config.data.split, data_set.splits, "data.split")
-  _require(config.model.num_classes == data_set.num_classes,
+  if data_set.splits:
+    _one_of(config.data.split, data_set.splits, "data.split")
+  m = config.model
+  _one_of(m.arch, models.ARCHS, "model.arch")
+  _require(m.arch != "adm" or config.model.num_classes == data_set.num_classes,
            f"model.num_classes={config.model.num_classes} but data set {config.data.name!r} has "
            f"{data_set.num_classes} classes; set --config.model.num_classes={data_set.num_classes}.")
   _require(int(config.data.image_size) >= 1, f"data.image_size={config.data.image_size} must be >= 1.")
@@ -243,26 +303,19 @@ def validate(config) -> None:
     _one_of(ev.reference_split, data_set.splits, "eval.reference_split")
   _require(isinstance(ev.save_samples, bool), "eval.save_samples must be True or False.")
 
-  m = config.model
-  _require(m.base_channels >= 1 and len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
-           f"model.base_channels={m.base_channels} and model.channel_mult={tuple(m.channel_mult)} must be positive.")
-  _require(m.num_res_blocks >= 1, f"model.num_res_blocks={m.num_res_blocks} must be >= 1.")
-  _require(m.num_classes >= 1, f"model.num_classes={m.num_classes} must be >= 1.")
-  _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
   _one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
   _one_of(m.attention, ("auto", "xla", "cudnn"), "model.attention")
-  _require(m.head_channels >= 0, f"model.head_channels={m.head_channels} must be >= 0 (0: use model.num_heads).")
-  for i, mult in enumerate(m.channel_mult):
-    what, per = ("model.head_channels", m.head_channels) if m.head_channels else ("model.num_heads", m.num_heads)
-    _require((m.base_channels * mult) % per == 0,
-             f"{what}={per} must divide the channels of every level (level {i} has {m.base_channels * mult}).")
+  if m.arch == "adm":
+    _check_adm(config)
   _check_latent(config)
-  downsample = 2 ** (len(m.channel_mult) - 1)
-  size = space.model_shape(config)[0]
-  what = f"data.image_size={config.data.image_size}" + (f" (latents of {size})" if space.is_latent(config) else "")
-  _require(size % downsample == 0,
-           f"{what} must be divisible by {downsample} for {len(m.channel_mult)} U-Net levels "
-           "(model.channel_mult); change one of them.")
+  if m.arch == "adm":
+    downsample = 2 ** (len(m.channel_mult) - 1)
+    size = space.model_shape(config)[0]
+    what = f"data.image_size={config.data.image_size}" + (f" (latents of {size})" if space.is_latent(config) else "")
+    _require(size % downsample == 0,
+             f"{what} must be divisible by {downsample} for {len(m.channel_mult)} U-Net levels "
+             "(model.channel_mult); change one of them.")
+  taps = _check_pretrained(config) if m.arch == "sd" else unet.tap_names(len(m.channel_mult))
 
   _require(int(config.data.num_workers) >= 0,
            f"data.num_workers={config.data.num_workers} must be >= 0 (0: read in the main process).")
@@ -299,7 +352,6 @@ def validate(config) -> None:
            "perceptual.share_with_sampling_ema and perceptual.fused must be True or False.")
   _one_of(p.noise, losses.NOISE_VARIANTS, "perceptual.noise")
   _one_of(p.condition, ("same", "null"), "perceptual.condition")
-  taps = unet.tap_names(len(m.channel_mult))
   _require(len(p.taps) >= 1 and all(t in taps for t in p.taps),
            f"perceptual.taps={tuple(p.taps)} must name taps of this U-Net: {taps}.")
   _require(0.0 <= p.t_prime_min < p.t_prime_max <= 1.0,
@@ -352,7 +404,7 @@ def validate(config) -> None:
            f"sample.guidance_rescale={s.guidance_rescale} must be in [0, 1] (0: plain guidance; 0.7 in Lin et al.).")
   _require(len(s.guidance_interval) == 2 and 0.0 <= s.guidance_interval[0] < s.guidance_interval[1] <= 1.0,
            f"sample.guidance_interval={tuple(s.guidance_interval)} must be (lo, hi) with 0 <= lo < hi <= 1.")
-  _require(all(0 <= int(c) < m.num_classes for c in s.classes),
+  _require(config.condition != "class" or all(0 <= int(c) < m.num_classes for c in s.classes),
            f"sample.classes={tuple(s.classes)} must be class ids in [0, {m.num_classes}) (empty: all classes).")
   _check_condition(config)
   mesh = config.mesh

@@ -222,3 +222,12 @@ def parity_weights(fixture: dict, name: str) -> tuple[dict, dict]:
   sums = np.array([weights[k].astype(np.float64).sum() for k in sorted(weights)])
   np.testing.assert_array_equal(sums, fixture[f"{name}/weight_sums"])
   return shapes, weights
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+  """benchmarks/fake_sd.py's small Stable Diffusion folder (seeded: the one the pipeline parity fixture was made
+  from), written once per test process."""
+  from benchmarks import fake_sd
+
+  return fake_sd.write_folder(str(tmp_path_factory.mktemp("sd_folder")))

@@ -7,6 +7,9 @@ import dataclasses
 from selfperc_jax.data import digits, imagenet  # constants only: TFDS and scikit-learn are imported on use
 
 
+NO_DATA = "none"
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSet:
   channels: int
@@ -15,4 +18,6 @@ class DataSet:
 
 
 DATASETS = {"digits": DataSet(1, digits.NUM_CLASSES, digits.SPLITS),
-            imagenet.NAME: DataSet(3, imagenet.NUM_CLASSES, imagenet.SPLITS)}
+            imagenet.NAME: DataSet(3, imagenet.NUM_CLASSES, imagenet.SPLITS),
+            # No data: a model folder that is only sampled (configs/sd21_base.py); RGB images, no classes or splits.
+            NO_DATA: DataSet(3, 0, ())}

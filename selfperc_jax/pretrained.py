@@ -1,0 +1,80 @@
+"""A Stable Diffusion model folder in diffusers' layout (config.pretrained): where each part lies and what it holds.
+
+    <folder>/unet/config.json + diffusion_pytorch_model.safetensors      the denoiser (third_party/sd_unet)
+    <folder>/text_encoder/config.json + model.safetensors                the CLIP text encoder (third_party/clip_text)
+    <folder>/tokenizer/                                                  its tokenizer files
+    <folder>/vae/diffusion_pytorch_model.safetensors                     the VAE (third_party/sd_vae)
+    <folder>/scheduler/scheduler_config.json                             the diffusion settings it was trained with
+
+(PyTorch pickles `*.bin` instead of `*.safetensors`, and `.fp16.` variants, are read too.) The folders are the ones the
+Hugging Face Hub holds, downloaded once by the user: e.g. ByteDance/sd2.1-base-zsnr-laionaes6-perceptual, the
+paper's self-perceptual model (README "Stable Diffusion"). Nothing here downloads anything. Every problem with the
+folder is one ConfigError that names what is missing and where.
+"""
+
+from __future__ import annotations
+
+import os
+
+from selfperc_jax.errors import ConfigError
+
+# Each part's weights file names, in the order they are looked for.
+WEIGHTS = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+}
+SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
+HINT = ("a diffusers Stable Diffusion folder (e.g. ByteDance/sd2.1-base-zsnr-laionaes6-perceptual, downloaded once: "
+        "see README, \"Stable Diffusion\"), or one made by python benchmarks/fake_sd.py DIR")
+
+
+def folder_of(config) -> str:
+  return os.path.abspath(os.path.expanduser(str(config.pretrained)))
+
+
+def _weights(folder: str, part: str) -> str | None:
+  for name in WEIGHTS[part]:
+    path = os.path.join(folder, part, name)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def check_folder(folder: str, key: str = "pretrained") -> None:
+  """One ConfigError listing every part the folder lacks (nothing is read but the directory listing)."""
+  if not os.path.isdir(folder):
+    raise ConfigError(f"{key}={folder!r} is not a folder: give {HINT}.")
+  missing = []
+  for part in ("unet", "text_encoder"):
+    if not os.path.isfile(os.path.join(folder, part, "config.json")):
+      missing.append(f"{part}/config.json")
+  for part in WEIGHTS:
+    if _weights(folder, part) is None:
+      missing.append(f"{part}/{WEIGHTS[part][0]}")
+  if not os.path.isdir(os.path.join(folder, "tokenizer")):
+    missing.append("tokenizer/")
+  if not os.path.isfile(os.path.join(folder, SCHEDULER_CONFIG)):
+    missing.append(SCHEDULER_CONFIG)
+  if missing:
+    raise ConfigError(f"{key}={folder!r} lacks {', '.join(missing)}: it must be {HINT}.")
+
+
+def unet_files(folder: str) -> tuple[str, str]:
+  """(config.json, weights) of the folder's U-Net."""
+  return os.path.join(folder, "unet", "config.json"), _weights(folder, "unet") or ""
+
+
+def text_encoder_files(folder: str) -> tuple[str, str]:
+  """(config.json, weights) of the folder's text encoder."""
+  return os.path.join(folder, "text_encoder", "config.json"), _weights(folder, "text_encoder") or ""
+
+
+def vae_weights(folder: str) -> str:
+  return _weights(folder, "vae") or ""
+
+
+def scheduler_config_path(folder: str) -> str:
+  return os.path.join(folder, SCHEDULER_CONFIG)
