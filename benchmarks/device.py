@@ -8,6 +8,8 @@ then at that batch the MSE and self-perceptual step times as configured, their r
 bound, XLA's FLOPs, MFU (where the chip's peak is in selfperc_jax.flops.PEAK_FLOPS), peak memory and compile time.
 Then the self-perceptual step with one thing changed per row, each variant for every config in turn: the fused 2B
 copy pass, float32 compute, XLA's attention instead of the automatic choice (cuDNN flash attention where it can run).
+Last, if the budget is not spent: Stable Diffusion 2.1-base's guided sampling step (benchmarks/sd_sampling.py, random
+weights, bf16) at the largest of --sd_batches that fits, with the full-size parameter counts and FLOPs.
 No row starts after --budget_s (420 s; the last one started runs to its end, hence about 8 minutes in all): those
 are written as skipped; a variant that runs out of memory says so, and a config that fails says why in a note
 without losing the other's rows. Each row is printed (and --json rewritten) as soon as it is measured; the rows go
@@ -41,7 +43,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from benchmarks import step_time  # noqa: E402
+from benchmarks import sd_sampling, step_time  # noqa: E402
 from selfperc_jax import flops  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +62,8 @@ flags.DEFINE_integer("steps", 5, "Timed steps per round.")
 flags.DEFINE_integer("rounds", 3, "Rounds (the median is reported).")
 flags.DEFINE_float("budget_s", 420.0, "Start no new row after this many seconds.")
 flags.DEFINE_string("variants", "fused,float32,xla_attention", "Rows after the configured steps, in order.")
+flags.DEFINE_string("sd_batches", "32,16,8,4", "Last, within the budget: Stable Diffusion 2.1-base's guided sampling "
+                    "step (benchmarks/sd_sampling.py) at the largest of these batches that fits; '' for none.")
 flags.DEFINE_string("out", None, "Append the rows to this markdown file (e.g. BENCHMARKS.md).")
 flags.DEFINE_string("json", None, "Write the rows as JSON here.")
 
@@ -190,6 +194,24 @@ def run(configs, variants, steps: int = 5, rounds: int = 3, budget_s: float = 42
   return result
 
 
+def sd_rows(batches, facts_kwargs=None, **kwargs) -> str:
+  """SD 2.1-base's guided sampling step (random weights, bf16) at the largest of `batches` that fits, as markdown
+  (the full-size counts and FLOPs with it). kwargs go to sd_sampling.measure, facts_kwargs to sd_sampling.facts
+  (the tests pass small layouts)."""
+  notes = []
+  for b in batches:
+    try:
+      row = sd_sampling.measure(b, **kwargs)
+      break
+    except Exception as e:  # noqa: BLE001 -- the next smaller batch, or a note
+      notes.append(f"batch {b}: {'out of memory' if _is_oom(e) else type(e).__name__ + ': ' + str(e)[:160]}")
+      gc.collect()
+  else:
+    return "\nStable Diffusion sampling step: not measured (" + "; ".join(notes) + ").\n"
+  facts = sd_sampling.facts(**(facts_kwargs or {}))
+  return sd_sampling.markdown(facts, timed=[row]) + "".join(f"\n{n}" for n in notes) + "\n"
+
+
 def _f(x, spec):
   return "n/a" if x is None else format(x, spec)
 
@@ -252,12 +274,20 @@ def main(argv):
 
   # A time limit's SIGTERM ends the run through `finally`, which still writes the rows measured so far to --out.
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+  t0 = time.perf_counter()
   try:
     run(configs, variants, FLAGS.steps, FLAGS.rounds, FLAGS.budget_s, progress)
   finally:
     if FLAGS.out and "result" in latest:
       with open(FLAGS.out, "a") as f:
         f.write(markdown(latest["result"]))
+  sd_batches = batches(FLAGS.sd_batches)
+  if sd_batches and time.perf_counter() - t0 < FLAGS.budget_s:
+    text = sd_rows(sd_batches, steps=FLAGS.steps, rounds=FLAGS.rounds)
+    print(text, flush=True)
+    if FLAGS.out:
+      with open(FLAGS.out, "a") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":

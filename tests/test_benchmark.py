@@ -258,7 +258,7 @@ def test_device_benchmark_runs_with_only_what_the_lent_machine_has(tmp_path):
   proc = subprocess.run(
       [sys.executable, "benchmarks/device.py", "--config=configs/digits.py:tiny", "--config.model.channel_mult=(1,)",
        "--config.model.attention_resolutions=(8,)", *latent, "--batches=8",
-       "--latent_batches=8", "--variants=", "--steps=1", "--rounds=1", f"--json={out}"],
+       "--latent_batches=8", "--variants=", "--sd_batches=", "--steps=1", "--rounds=1", f"--json={out}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   probe = subprocess.run([sys.executable, "-c", "import PIL"], env=env, capture_output=True, text=True)
