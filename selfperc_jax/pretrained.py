@@ -14,6 +14,7 @@ folder is one ConfigError that names what is missing and where.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from selfperc_jax.errors import ConfigError
@@ -78,3 +79,23 @@ def vae_weights(folder: str) -> str:
 
 def scheduler_config_path(folder: str) -> str:
   return os.path.join(folder, SCHEDULER_CONFIG)
+
+
+@contextlib.contextmanager
+def one_line_mismatch(path: str, part: str):
+  """A weights file of another layout than its part's config (weights_io.StateDictMismatchError, which lists every
+  key) as one ConfigError line: the counts, a first example, and the command that lists them all."""
+  from third_party.weights_io import StateDictMismatchError
+
+  try:
+    yield
+  except StateDictMismatchError as e:
+    counts = [f"{len(v)} {what}" for what, v in (("missing", e.missing), ("unexpected", e.unexpected),
+                                                 ("wrong-shape", e.mismatched), ("non-finite", e.non_finite),
+                                                 ("non-float", e.not_float)) if v]
+    example = (e.missing or e.unexpected or list(e.mismatched) or e.non_finite or e.not_float or ["?"])[0]
+    module = {"unet": "sd_unet", "text_encoder": "clip_text", "vae": "sd_vae"}[part]
+    raise ConfigError(
+        f"{path} does not fit the {part} layout of its folder ({', '.join(counts)} tensors, e.g. {example!r}): is "
+        f"it another model's? Every key: python -c \"from third_party.{module} import convert; "
+        f"convert.load_variables('{path}')\"") from None

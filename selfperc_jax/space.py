@@ -118,7 +118,14 @@ def decoder(config) -> Decoder:
   """What turns the model's samples into images: nothing in pixel space, the VAE's decoder in latent space."""
   if not is_latent(config):
     return Decoder()
-  vae, variables = load_vae(latent_section(config))
+  lc = latent_section(config)
+  if lc is config.latent:
+    vae, variables = load_vae(lc)
+  else:  # the model folder's vae/
+    from selfperc_jax import pretrained
+
+    with pretrained.one_line_mismatch(lc.vae_weights, "vae"):
+      vae, variables = load_vae(lc)
   scale = vae.config.scaling_factor
   decoder_params = {"params": {k: v for k, v in variables["params"].items() if k in ("decoder", "post_quant_conv")}}
 

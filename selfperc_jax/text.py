@@ -30,7 +30,8 @@ class TextEncoder:
     config_path, weights = pretrained.text_encoder_files(folder)
     config = convert.load_config(config_path)
     tokenizer.check_matches(self.tokenizer, config)
-    self.variables = convert.load_variables(weights, config=config)
+    with pretrained.one_line_mismatch(weights, "text_encoder"):
+      self.variables = convert.load_variables(weights, config=config)
     self.model = model.CLIPTextModel(config)
     self.hidden_size = config.hidden_size
     self._apply = jax.jit(lambda v, ids: self.model.apply(v, ids).last_hidden_state)

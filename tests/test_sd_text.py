@@ -231,3 +231,25 @@ def test_two_processes_sample_the_same_images_as_one(sd_folder, tmp_path):
     assert a["arr_0"].shape == (12, 16, 16, 3)  # two chunks of 8, the last one padded
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_weights_of_another_layout_and_an_unknown_tokenizer_are_one_error_line_with_nothing_written(sd_folder,
+                                                                                                     tmp_path):
+  from selfperc_jax.errors import UserError
+
+  swapped = tmp_path / "swapped"
+  shutil.copytree(sd_folder, swapped)
+  shutil.copy(swapped / "vae" / "diffusion_pytorch_model.safetensors",
+              swapped / "unet" / "diffusion_pytorch_model.safetensors")
+  with pytest.raises(ConfigError) as e:
+    modes.sample_from_checkpoint(_config(str(swapped)), str(tmp_path / "w"))
+  assert "\n" not in str(e.value) and "does not fit the unet layout of its folder (208 missing" in str(e.value)
+  other = tmp_path / "t5"
+  shutil.copytree(sd_folder, other)
+  config_path = other / "tokenizer" / "tokenizer_config.json"
+  config_path.write_text(config_path.read_text().replace('"CLIPTokenizer"', '"T5Tokenizer"'))
+  text.encoder.cache_clear()
+  with pytest.raises(UserError, match="names tokenizer_class 'T5Tokenizer'") as e:
+    modes.sample_from_checkpoint(_config(str(other)), str(tmp_path / "w"))
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "w" / "samples")

@@ -51,4 +51,5 @@ def load_params(config) -> dict:
   from third_party.sd_unet import convert
 
   config_path, weights = pretrained.unet_files(pretrained.folder_of(config))
-  return {"unet": convert.load_variables(weights, config=convert.load_config(config_path))["params"]}
+  with pretrained.one_line_mismatch(weights, "unet"):
+    return {"unet": convert.load_variables(weights, config=convert.load_config(config_path))["params"]}
