@@ -13,7 +13,9 @@ which the run checks diffusion.* and sample.* against (a disagreement is an erro
 checkpoint in the workdir the folder's weights are sampled; a workdir's latest checkpoint comes first.
 
 Arguments, comma-combinable: '' (the default above), 'mse' (guidance 7.5, rescale 0.7), 'dpm' (DPM-Solver++(2M), 25
-steps, as diffusers' DPMSolverMultistepScheduler from the same config), 'tiny' (the small random folder that
+steps, as diffusers' DPMSolverMultistepScheduler from the same config), 'stabilityai' (stabilityai/stable-diffusion-2-1-base
+itself, where the paper's fine-tuning starts: epsilon prediction without the zero-SNR rescale, DDIM with leading
+timesteps and steps_offset 1 as its scheduler config says, guidance 7.5), 'tiny' (the small random folder that
 python benchmarks/fake_sd.py DIR writes: 16-pixel images, a two-level VAE; the tests' and a dry run's).
 The samples go to workdir/samples/pretrained_<setting>_seed<seed>.png / .npz (arr_1: each sample's prompt index)
 / .json (the prompts); each prompt is drawn sample.num_samples / (number of prompts) times, one grid row each.
@@ -24,10 +26,10 @@ from selfperc_jax import config_base
 
 def get_config(arg=None):
   args = set(filter(None, (arg or "").split(",")))
-  unknown = args - {"mse", "dpm", "tiny"}
+  unknown = args - {"mse", "dpm", "stabilityai", "tiny"}
   if unknown:
-    raise ValueError(f"configs/sd21_base.py: unknown argument(s) {sorted(unknown)}; use 'mse', 'dpm', 'tiny', "
-                     "comma-separated, or nothing.")
+    raise ValueError(f"configs/sd21_base.py: unknown argument(s) {sorted(unknown)}; use 'mse', 'dpm', 'stabilityai', "
+                     "'tiny', comma-separated, or nothing.")
   config = config_base.get_config()
   config.data.name = "none"  # sampled, not trained: no data set
   config.data.image_size = 512  # SD 2.1-base's resolution: 64x64x4 latents
@@ -56,10 +58,20 @@ def get_config(arg=None):
   if "mse" in args:
     config.sample.guidance_scale = 7.5
     config.sample.guidance_rescale = 0.7
+  if "stabilityai" in args:  # its scheduler_config.json (PNDMScheduler's, read by DDIM and DPM-Solver as diffusers does)
+    config.diffusion.zero_terminal_snr = False
+    config.diffusion.zero_snr_anchor = "clean"
+    config.diffusion.prediction = "eps"
+    config.sample.timestep_spacing = "leading"  # DDIMScheduler's default; the file names none
+    config.sample.steps_offset = 1
+    config.sample.guidance_scale = 7.5
   if "dpm" in args:
     config.sample.sampler = "dpmpp_2m"
     config.sample.steps = 25
     config.sample.final_step = "clean"  # DPMSolverMultistepScheduler's final_sigmas_type='zero'
+    if "stabilityai" in args:
+      config.sample.timestep_spacing = "linspace"  # DPMSolverMultistepScheduler's default
+      config.sample.steps_offset = 0
   if "tiny" in args:
     config.data.image_size = 16  # 8x8x4 latents through benchmarks/fake_sd.py's two-level VAE
     config.latent.block_out_channels = (16, 32)

@@ -33,6 +33,17 @@ def test_every_sd21_variant_is_valid_with_a_model_folder(sd_folder, arg):
   validation.validate(_config(sd_folder, arg))
 
 
+@pytest.mark.parametrize("arg", ["stabilityai", "stabilityai,dpm", "stabilityai,tiny"])
+def test_the_stabilityai_variant_agrees_with_sd21_bases_own_scheduler_config(arg, tmp_path):
+  from benchmarks import fake_sd
+
+  with open(os.path.join(REPO, "tests", "fixtures", "scheduler_parity", "sd21_base_scheduler_config.json")) as f:
+    folder = fake_sd.write_folder(str(tmp_path / "sd21"), scheduler=json.load(f))
+  validation.validate(_config(folder, arg))
+  with pytest.raises(ConfigError, match="diffusion.prediction='v' but"):  # the paper's models' settings do not
+    validation.validate(_config(folder, arg.replace("stabilityai", "mse")))
+
+
 def test_sd21_rejects_unknown_arguments():
   with pytest.raises(ValueError, match="unknown argument"):
     load_config("sd21_base", "huge")
