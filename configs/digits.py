@@ -29,10 +29,12 @@ from selfperc_jax import config_base
 
 def get_config(arg=None):
   args = set(filter(None, (arg or "").split(",")))
-  unknown = args - {"tiny", "mse", "small", "base32", "uncond"}
+  unknown = args - {"tiny", "mse", "small", "base32", "uncond", "text"}
   if unknown:
     raise ValueError(f"configs/digits.py: unknown argument(s) {sorted(unknown)}; use 'tiny', 'small' or 'base32', "
-                     "'mse', 'uncond', comma-separated, or nothing.")
+                     "'mse', 'uncond' or 'text', comma-separated, or nothing.")
+  if {"uncond", "text"} <= args:
+    raise ValueError("configs/digits.py: 'uncond' and 'text' are different conditions; give one of them.")
   sizes = sorted(args & {"tiny", "small", "base32"})
   if len(sizes) > 1:
     raise ValueError(f"configs/digits.py: {' and '.join(repr(a) for a in sizes)} are different sizes; give one of "
@@ -68,4 +70,9 @@ def get_config(arg=None):
     config.condition = "none"
     config.loss.label_dropout = 0.0
     config.experiment.guidance_scales = (1.0,)
+  if "text" in args:  # captions instead of classes, through a small SD U-Net (see the module's docstring)
+    config.condition = "text"
+    config.model.arch = "sd"
+    config.model.sd_layout = "small"
+    config.diffusion.timesteps = 1000  # the SD U-Net takes diffusers' integer timesteps
   return config

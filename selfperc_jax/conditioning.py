@@ -7,7 +7,10 @@ A condition `y` is what the model takes beside x and t, one per example:
 - 'class': the example's class, int32; `null` (= num_classes) is the "no class" input of classifier-free guidance and
   of label dropout. Draws are class-balanced and class-sorted (one grid row per class).
 - 'text': the text encoder's hidden states of the example's prompt, float32 (L, D) (selfperc_jax/text.py; SD: 77 x
-  1024); `null` is the empty prompt's, as Stable Diffusion trains and guides. A draw is a prompt index per sample
+  1024); `null` is the empty prompt's, as Stable Diffusion trains and guides. A data set with captions per class
+  (the digits) gives each training example one of its class's captions, drawn per step on the devices
+  (`from_labels` with a key; the captions' embeddings are a table of the step); a batch may also carry the
+  embeddings themselves (float (B, L, D) labels). A draw is a prompt index per sample
   (sample.prompts, each repeated alike: one grid row per prompt); `model_inputs` turns the indices of a chunk into
   their embeddings on the host, so a draw of any size holds one row per prompt. Guidance's unconditional input is the
   negative prompt's embedding where sample.negative_prompt is set (`guidance_null`), as in diffusers' pipelines.
@@ -30,10 +33,13 @@ KINDS = ("class", "text", "none")
 class Conditioning:
   kind: str = "class"
   num_classes: int = 10  # the data set's ('class')
-  # 'text': the empty prompt's (L, D) embedding, the prompts' (P, L, D) of a draw, the negative prompt's (L, D) or None.
+  # 'text': the empty prompt's (L, D) embedding, the prompts' (P, L, D) of a draw, the negative prompt's (L, D) or None,
+  # the data set's captions (classes x K, L, D: K per class, class-major) or None.
   null_embedding: np.ndarray | None = None
   prompt_embeddings: np.ndarray | None = None
   negative_embedding: np.ndarray | None = None
+  caption_embeddings: np.ndarray | None = None
+  captions_per_class: int = 0
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -66,15 +72,27 @@ class Conditioning:
     return self.null
 
   def example(self, batch: int = 1) -> jax.ShapeDtypeStruct:
-    """The shape and dtype of a batch of conditions (the model's init and the step's abstract batch)."""
+    """The shape and dtype of a batch of the model's conditions (its init)."""
     if self.kind == "text":
       return jax.ShapeDtypeStruct((batch,) + self.null_embedding.shape, jnp.float32)
     return jax.ShapeDtypeStruct((batch,), jnp.int32)
 
-  def from_labels(self, labels: jax.Array) -> jax.Array:
-    """The condition of a batch of examples with these data-set labels (text: their prompts' embeddings)."""
+  def batch_label(self, batch: int) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of a training batch's 'label': the class (also for captioned text), or the text
+    embeddings where there are no captions to draw from."""
+    if self.kind == "text" and self.caption_embeddings is None:
+      return self.example(batch)
+    return jax.ShapeDtypeStruct((batch,), jnp.int32)
+
+  def from_labels(self, labels: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """The condition of a batch of examples with these data-set labels: the class; for text, one caption of the
+    example's class, drawn with `key` (each of its K alike), or the labels themselves where they are embeddings."""
     if self.kind == "text":
-      return jnp.asarray(labels, jnp.float32)
+      if self.caption_embeddings is None:
+        return jnp.asarray(labels, jnp.float32)
+      k = self.captions_per_class
+      pick = jax.random.randint(key, labels.shape, 0, k) if k > 1 else jnp.zeros_like(labels)
+      return jnp.asarray(self.caption_embeddings)[labels * k + pick]
     labels = jnp.asarray(labels, jnp.int32)
     return labels if self.conditional else jnp.zeros_like(labels)
 
@@ -131,5 +149,7 @@ def from_config(config) -> Conditioning:
   from selfperc_jax import text
 
   encoded = text.encode_for_config(config)
+  per_class = len(text.captions_of(config)[0]) if encoded.captions is not None else 0
   return Conditioning(kind="text", num_classes=0, null_embedding=encoded.null, prompt_embeddings=encoded.prompts,
-                      negative_embedding=encoded.negative)
+                      negative_embedding=encoded.negative, caption_embeddings=encoded.captions,
+                      captions_per_class=per_class)

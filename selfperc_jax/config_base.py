@@ -89,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
   # its layout read from pretrained's unet/ (selfperc_jax/models/sd.py; of the keys below only dtype, remat and
   # attention apply).
   config.model.arch = "adm"
+  # model.arch='sd': '' reads the U-Net's layout (and weights) from pretrained's unet/; 'small' is a small SD layout
+  # trained from scratch (selfperc_jax/models/sd.py, LAYOUTS; configs/digits.py:text).
+  config.model.sd_layout = ""
   config.model.base_channels = 24  # channels of the first level
   config.model.channel_mult = (1, 2)  # each level's channels in base_channels; each level halves the size
   config.model.num_res_blocks = 1  # residual blocks per level

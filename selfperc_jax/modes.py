@@ -55,9 +55,12 @@ def _all_finite(tree):
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Scores the workdir's latest checkpoint; the metrics go to workdir/eval/step_<STEP>.json under the setting
   (returned on process 0)."""
-  if config.condition == "text":
-    raise ConfigError("--mode=eval of a text-to-image model (FID over a prompt set) is not built yet; draw samples "
-                      "with --mode=sample.")
+  from selfperc_jax import validation
+
+  if config.condition == "text" and not validation.evaluates_text(config):
+    raise ConfigError("--mode=eval of a text-to-image model is built for a data set's captions, one prompt per class "
+                      "(the digits, with sample.prompts and sample.prompts_file empty); FID over a prompt set is not "
+                      "built yet: draw samples with --mode=sample.")
   setup = Setup(config, workdir, with_data=False)
   latest, params = latest_sampling_params(setup)
   return setup.evaluator()(params, latest)

@@ -25,7 +25,7 @@ ADDED_KEY_DEFAULTS = {"model.head_channels": 0, "model.attention": "auto", "opti
                       "trust_unverified_checkpoints": False, "diffusion.zero_snr_anchor": "clean",
                       "sample.timestep_spacing": "project", "sample.steps_offset": 0, "sample.final_step": "clean",
                       "condition": "class", "experiment.seeds": (), "experiment.variants": (),
-                      "model.arch": "adm", "pretrained": "", "sample.prompts": (), "sample.prompts_file": "",
+                      "model.arch": "adm", "model.sd_layout": "", "pretrained": "", "sample.prompts": (), "sample.prompts_file": "",
                       "sample.negative_prompt": "",
                       # The recipe of before finetune.* existed, so that a run that predates it goes on as it began
                       # (keep_recipe): one optimizer.* schedule and EMA warm-up over the run's steps, no change of

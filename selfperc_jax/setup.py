@@ -74,7 +74,7 @@ class Setup:
   def abstract_batch(self) -> dict:
     """The global training batch's shapes, dtypes and sharding (for lowering the step without data)."""
     batch, b = sharding.batch_sharding(self.mesh), self.config.batch_size
-    label = self.conditioning.example(b)
+    label = self.conditioning.batch_label(b)
     return {"image": jax.ShapeDtypeStruct((b,) + tuple(self.model_shape), jnp.float32, sharding=batch),
             "label": jax.ShapeDtypeStruct(label.shape, label.dtype, sharding=batch)}
 

@@ -210,7 +210,8 @@ def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, 
     t = schedule.sample_t(k_t, (b,))
     examples = {
         "x0": x0, "t": t, "eps": jax.random.normal(k_eps, x0.shape, x0.dtype),
-        "label": cond.drop(k_drop_label, cond.from_labels(labels), loss_cfg.label_dropout),
+        "label": cond.drop(k_drop_label, cond.from_labels(labels, jax.random.fold_in(k_drop_label, 1)),
+                           loss_cfg.label_dropout),
     }
     if loss_cfg.min_snr_gamma > 0:
       examples["weight"] = losses.min_snr_weight(schedule.log_snr(t), prediction, loss_cfg.min_snr_gamma)

@@ -1,8 +1,12 @@
 """Prompts -> Stable Diffusion's text condition: the CLIP text encoder's last hidden states (77 x D per prompt) of
-config.pretrained's tokenizer/ and text_encoder/ (third_party/clip_text), computed on this process's devices.
+config.pretrained's tokenizer/ and text_encoder/ (third_party/clip_text), computed on this process's devices; without
+a model folder (pretrained=''), the built-in one: a small CLIP text encoder (2 layers, width 32) with seeded random
+weights over the small CLIP-style vocabulary of third_party/clip_text/parity/tokenizer_sd2 (the captioned digits'
+encoder: configs/digits.py:text). Random weights still map each prompt to its own embedding, which is all a model
+trained on them needs.
 
 The encoder is frozen and never part of the train state: conditioning.py takes the embeddings it gives (the empty
-prompt's, the prompts' and the negative prompt's of a draw), once per process and config.
+prompt's, the prompts' and the negative prompt's of a draw, the data set's captions), once per process and config.
 """
 
 from __future__ import annotations
@@ -15,23 +19,35 @@ import jax
 import numpy as np
 
 from selfperc_jax import pretrained
+from selfperc_jax.data.datasets import DATASETS
 from selfperc_jax.errors import ConfigError
 
 ENCODE_BATCH = 64  # prompts per call of the encoder
+BUILTIN_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "third_party",
+                                 "clip_text", "parity", "tokenizer_sd2")
+BUILTIN_SEED = 0
+BUILTIN_WIDTH = 32  # the built-in encoder's hidden size: the cross_attention_dim of models/sd.py's small layout
 
 
 class TextEncoder:
   """The tokenizer and text encoder of a model folder. `encode(prompts)` -> (N, L, D) float32 numpy."""
 
   def __init__(self, folder: str):
+    """folder: a diffusers model folder, or '' for the built-in encoder."""
     from third_party.clip_text import convert, model, tokenizer
 
-    self.tokenizer = tokenizer.load_tokenizer(folder)
-    config_path, weights = pretrained.text_encoder_files(folder)
-    config = convert.load_config(config_path)
-    tokenizer.check_matches(self.tokenizer, config)
-    with pretrained.one_line_mismatch(weights, "text_encoder"):
-      self.variables = convert.load_variables(weights, config=config)
+    self.tokenizer = tokenizer.load_tokenizer(folder or BUILTIN_TOKENIZER)
+    if folder:
+      config_path, weights = pretrained.text_encoder_files(folder)
+      config = convert.load_config(config_path)
+      tokenizer.check_matches(self.tokenizer, config)
+      with pretrained.one_line_mismatch(weights, "text_encoder"):
+        self.variables = convert.load_variables(weights, config=config)
+    else:
+      config = model.CLIPTextConfig(vocab_size=self.tokenizer.vocab_size, hidden_size=BUILTIN_WIDTH,
+                                    intermediate_size=2 * BUILTIN_WIDTH, num_hidden_layers=2, num_attention_heads=4)
+      self.variables = model.CLIPTextModel(config).init(jax.random.key(BUILTIN_SEED),
+                                                        np.zeros((1, self.tokenizer.max_length), np.int32))
     self.model = model.CLIPTextModel(config)
     self.hidden_size = config.hidden_size
     self._apply = jax.jit(lambda v, ids: self.model.apply(v, ids).last_hidden_state)
@@ -57,15 +73,25 @@ class Encoded:
   null: np.ndarray  # (L, D): the empty prompt
   prompts: np.ndarray  # (P, L, D)
   negative: np.ndarray | None  # (L, D), or None without a negative prompt
+  captions: np.ndarray | None  # (classes x K, L, D): the data set's K captions of each class, or None
 
 
 def prompts_of(config) -> tuple[str, ...]:
-  """sample.prompts, then the lines of sample.prompts_file (blank lines skipped), in order."""
+  """sample.prompts, then the lines of sample.prompts_file (blank lines skipped), in order; neither given: the first
+  caption of each class of a captioned data set (the digits: "a handwritten zero", ...), so that prompt i asks for
+  class i."""
   prompts = [str(p) for p in config.sample.prompts]
   if config.sample.prompts_file:
     with open(os.path.expanduser(config.sample.prompts_file), encoding="utf-8") as f:
       prompts += [line.strip() for line in f if line.strip()]
+  if not prompts:
+    prompts = [captions[0] for captions in DATASETS[config.data.name].captions]
   return tuple(prompts)
+
+
+def captions_of(config) -> tuple[tuple[str, ...], ...]:
+  """The data set's captions per class (() for a data set without captions)."""
+  return DATASETS[config.data.name].captions
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,18 +100,25 @@ def encoder(folder: str) -> TextEncoder:
 
 
 @functools.lru_cache(maxsize=4)
-def _encode(folder: str, prompts: tuple[str, ...], negative: str) -> Encoded:
+def _encode(folder: str, prompts: tuple[str, ...], negative: str, captions: tuple[tuple[str, ...], ...]) -> Encoded:
   enc = encoder(folder)
   enc.check_lengths(prompts, "sample.prompts")
   enc.check_lengths([negative], "sample.negative_prompt")
-  rows = enc.encode(("",) + prompts + ((negative,) if negative else ()))
-  return Encoded(null=rows[0], prompts=rows[1:1 + len(prompts)], negative=rows[-1] if negative else None)
+  flat = tuple(c for per_class in captions for c in per_class)
+  if captions and len({len(c) for c in captions}) != 1:
+    raise ValueError("every class needs as many captions")
+  rows = enc.encode(("",) + prompts + ((negative,) if negative else ()) + flat)
+  p = 1 + len(prompts)
+  return Encoded(null=rows[0], prompts=rows[1:p], negative=rows[p] if negative else None,
+                 captions=rows[len(rows) - len(flat):] if flat else None)
 
 
 def encode_for_config(config) -> Encoded:
-  """The embeddings of config's empty prompt, prompts and negative prompt (cached per process)."""
+  """The embeddings of config's empty prompt, prompts, negative prompt and data set's captions (cached per
+  process)."""
   prompts = prompts_of(config)
   if not prompts:
     raise ConfigError("condition='text' draws samples from prompts: set --config.sample.prompts='(\"a photo of a "
                       "cat\",)' or --config.sample.prompts_file=FILE (one prompt per line).")
-  return _encode(pretrained.folder_of(config), prompts, str(config.sample.negative_prompt))
+  folder = pretrained.folder_of(config) if config.pretrained else ""
+  return _encode(folder, prompts, str(config.sample.negative_prompt), captions_of(config))

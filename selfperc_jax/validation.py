@@ -99,23 +99,30 @@ def _check_adm(config) -> None:
              f"{what}={per} must divide the channels of every level (level {i} has {m.base_channels * mult}).")
 
 
-def _check_pretrained(config) -> tuple[str, ...]:
-  """model.arch='sd': the model folder is complete, the config is in its latent space with text conditions, and
-  diffusion.* / sample.* agree with the folder's scheduler_config.json (every disagreement named at once). Returns
-  the U-Net's taps."""
+def _check_sd(config) -> tuple[str, ...]:
+  """model.arch='sd': text conditions and diffusers' integer timesteps; the model folder (where given) complete;
+  a U-Net read from it (model.sd_layout='') in its latent space, with diffusion.* / sample.* that agree with its
+  scheduler_config.json (every disagreement named at once). Returns the U-Net's taps."""
+  from selfperc_jax.models import sd
   from third_party.sd_unet import convert as sd_convert, model as sd_model
 
-  _require(bool(config.pretrained),
-           "model.arch='sd' reads Stable Diffusion's U-Net from a model folder: set --config.pretrained=FOLDER "
-           f"({pretrained.HINT}).")
-  folder = pretrained.folder_of(config)
-  pretrained.check_folder(folder)
+  layout = config.model.sd_layout
+  _one_of(layout, ("",) + tuple(sd.LAYOUTS), "model.sd_layout")
   _require(config.condition == "text", f"model.arch='sd' is text-conditioned: set condition='text' (not "
                                        f"{config.condition!r}).")
-  _require(config.latent.vae == "sd", f"model.arch='sd' works on Stable Diffusion's latents: set latent.vae='sd' "
-                                      f"(not {config.latent.vae!r}).")
   _require(config.diffusion.timesteps > 0, "model.arch='sd' takes diffusers' integer timesteps: set "
                                            "diffusion.timesteps to the scheduler's num_train_timesteps (1000).")
+  if layout:
+    if config.pretrained:  # its text encoder and VAE
+      pretrained.check_folder(pretrained.folder_of(config))
+    return sd_model.tap_names(sd.LAYOUTS[layout].num_levels)
+  _require(bool(config.pretrained),
+           "model.arch='sd' reads Stable Diffusion's U-Net from a model folder: set --config.pretrained=FOLDER "
+           f"({pretrained.HINT}), or model.sd_layout='small' for a small one trained from scratch.")
+  folder = pretrained.folder_of(config)
+  pretrained.check_folder(folder)
+  _require(config.latent.vae == "sd", f"model.arch='sd' works on Stable Diffusion's latents: set latent.vae='sd' "
+                                      f"(not {config.latent.vae!r}).")
   path = pretrained.scheduler_config_path(folder)
   lines = scheduler_config.check_config(config, scheduler_config.read_scheduler_config(path), source=path)
   _require(not lines, "the config disagrees with the model folder's scheduler config:\n  " + "\n  ".join(lines))
@@ -123,21 +130,30 @@ def _check_pretrained(config) -> tuple[str, ...]:
   return sd_model.tap_names(levels)
 
 
+def evaluates_text(config) -> bool:
+  """Whether a text-conditioned config can be evaluated: its data set has captions per class and its prompts are
+  their first ones (no sample.prompts or prompts_file), so that prompt i asks for class i."""
+  return bool(DATASETS[config.data.name].captions) and not config.sample.prompts and not config.sample.prompts_file
+
+
 def _check_condition(config) -> None:
   """An unconditional model has no class input: every setting that needs one is refused, each with its fix. A text
   condition needs Stable Diffusion's U-Net (model.arch='sd') and prompts to draw from."""
   _one_of(config.condition, conditioning.KINDS, "condition")
   if config.condition == "text":
-    _require(config.model.arch == "sd", "condition='text' needs a text-conditioned U-Net: set model.arch='sd' and "
-                                        "pretrained=FOLDER (configs/sd21_base.py).")
+    _require(config.model.arch == "sd", "condition='text' needs a text-conditioned U-Net: set model.arch='sd' with "
+                                        "pretrained=FOLDER (configs/sd21_base.py) or model.sd_layout='small' "
+                                        "(configs/digits.py:text).")
     s = config.sample
     _require(all(isinstance(p, str) for p in s.prompts),
              f"sample.prompts={tuple(s.prompts)!r} must be strings, e.g. --config.sample.prompts='(\"a cat\",)'.")
     _require(not s.prompts_file or os.path.isfile(os.path.expanduser(s.prompts_file)),
              f"sample.prompts_file={s.prompts_file!r} is not a file (one prompt per line).")
     _require(isinstance(s.negative_prompt, str), "sample.negative_prompt must be a string ('' for none).")
-    _require(config.eval_every == 0, "condition='text': evaluating a text-to-image model is not built yet; set "
-                                     "eval_every=0 and draw samples with --mode=sample.")
+    _require(config.eval_every == 0 or evaluates_text(config),
+             "condition='text' is evaluated on a data set's captions, one prompt per class (the digits), with "
+             "sample.prompts and sample.prompts_file empty; other text-to-image evaluation is not built yet: set "
+             "eval_every=0 and draw samples with --mode=sample.")
     return
   _require(not config.sample.prompts and not config.sample.prompts_file and not config.sample.negative_prompt,
            f"sample.prompts / prompts_file / negative_prompt are for condition='text'; this config's condition is "
@@ -315,7 +331,7 @@ def validate(config) -> None:
     _require(size % downsample == 0,
              f"{what} must be divisible by {downsample} for {len(m.channel_mult)} U-Net levels "
              "(model.channel_mult); change one of them.")
-  taps = _check_pretrained(config) if m.arch == "sd" else unet.tap_names(len(m.channel_mult))
+  taps = _check_sd(config) if m.arch == "sd" else unet.tap_names(len(m.channel_mult))
 
   _require(int(config.data.num_workers) >= 0,
            f"data.num_workers={config.data.num_workers} must be >= 0 (0: read in the main process).")

@@ -19,7 +19,8 @@ from selfperc_jax import config_base, config_tree, sharding, space, validation
 from selfperc_jax.errors import ConfigError
 from selfperc_jax.models import unet
 
-VARIANTS = {"digits": ["", "tiny", "mse", "tiny,mse", "small", "small,mse", "base32", "base32,mse", "uncond"],
+VARIANTS = {"digits": ["", "tiny", "mse", "tiny,mse", "small", "small,mse", "base32", "base32,mse", "uncond", "text",
+                       "text,tiny"],
             "imagenet256": ["", "tpu", "gpu", "tpu,mse", "gpu,mse"], "imagenet256_latent": ["", "gpu", "tpu,mse"]}
 
 
@@ -66,11 +67,11 @@ _NEW_DEFAULT = {"total_steps": "2000", "sample_every": "500", "model.base_channe
                 "perceptual.start_step": "1650", "optimizer.learning_rate": "0.002"}
 CONFIGS_CHANGED_SINCE = {name: _NEW_DEFAULT for name in ("digits", "digits:", "digits:mse")}
 
-# Errors whose wording changed on purpose since the recording: configs/digits.py gained the arguments 'uncond' and
-# 'base32'.
+# Errors whose wording changed on purpose since the recording: configs/digits.py gained the arguments 'uncond',
+# 'base32' and 'text'.
 ERRORS_CHANGED_SINCE = {
     **{f"digits:{arg}": f"configs/digits.py: unknown argument(s) ['{bad}']; use 'tiny', 'small' or 'base32', 'mse', "
-                        "'uncond', comma-separated, or nothing."
+                        "'uncond' or 'text', comma-separated, or nothing."
        for arg, bad in (("big", "big"), ("small,foo", "foo"))},
     "digits:tiny,small": "configs/digits.py: 'small' and 'tiny' are different sizes; give one of them."}
 

@@ -8,6 +8,12 @@ import numpy as np
 TRAIN_SIZE = 1500  # the first 1500 digits train; the other 297 are held out ('test')
 SPLITS = ("train", "test", "all")
 NUM_CLASSES = 10
+# Captions of each class for text conditions (condition='text'): the first is the class's prompt in sample grids and
+# evaluation ("a handwritten seven"); training draws one of them per example and step.
+_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_TEMPLATES = ("a handwritten {word}", "the digit {word}", "a {word} written by hand", "the number {digit}",
+              "handwritten digit {digit}")
+CAPTIONS = tuple(tuple(t.format(word=w, digit=d) for t in _TEMPLATES) for d, w in enumerate(_WORDS))
 
 
 def load(split: str = "train", image_size: int = 8):

@@ -3,10 +3,13 @@ models/unet.py takes it, so the step, the losses, the copy and the samplers use 
 
 t is the project's time in (0, 1] on the discrete T-step grid (diffusion.py: diffusers' timestep k is t = (k + 1) / T),
 so the U-Net gets k = round(t T) - 1, the integer timestep diffusers gives it; y is the text condition (N, 77, D)
-(conditioning.py). The params are {'unet': the U-Net's}, from the model folder's unet/ (selfperc_jax/pretrained.py).
+(conditioning.py). The params are {'unet': the U-Net's}, from the model folder's unet/ (selfperc_jax/pretrained.py);
+or, with model.sd_layout, a layout of LAYOUTS trained from scratch (its in / out channels the data's).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from typing import Any, Sequence
 
@@ -14,6 +17,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from third_party.sd_unet import model as sd_unet
+
+# model.sd_layout: SD U-Net layouts trained here from scratch. 'small': SD 2.x's blocks (linear projections, cross-
+# attention at both levels) at widths 32 / 64 with 8-channel heads, context width 32 (text.py's built-in encoder).
+LAYOUTS = {
+    "small": sd_unet.UNetConfig(
+        down_block_types=(sd_unet.CROSS_DOWN, sd_unet.CROSS_DOWN), up_block_types=(sd_unet.CROSS_UP, sd_unet.CROSS_UP),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        attention_head_dim=(4, 8)),
+}
 
 
 class SDDenoiser(nn.Module):
@@ -33,10 +45,13 @@ class SDDenoiser(nn.Module):
 
 
 def unet_config(config) -> sd_unet.UNetConfig:
-  """The U-Net's layout, read from config.pretrained's unet/config.json."""
-  from selfperc_jax import pretrained
+  """The U-Net's layout: model.sd_layout's (with the data's channels), or config.pretrained's unet/config.json."""
+  from selfperc_jax import pretrained, space
   from third_party.sd_unet import convert
 
+  if config.model.sd_layout:
+    channels = space.model_shape(config)[-1]
+    return dataclasses.replace(LAYOUTS[config.model.sd_layout], in_channels=channels, out_channels=channels)
   return convert.load_config(pretrained.unet_files(pretrained.folder_of(config))[0])
 
 
