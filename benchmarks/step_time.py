@@ -108,8 +108,10 @@ class Variant:
     self.state = self.setup.init_state(jax.random.key(seed))
     rng = np.random.default_rng(seed)
     shape = (config.batch_size,) + tuple(self.setup.model_shape)
+    label = self.setup.conditioning.batch_label(config.batch_size)
     local = {"image": np.clip(rng.normal(size=shape), -1, 1).astype(np.float32),
-             "label": rng.integers(0, config.model.num_classes, config.batch_size).astype(np.int32)}
+             "label": (rng.integers(0, config.model.num_classes, config.batch_size).astype(np.int32)
+                       if label.dtype == np.int32 else np.zeros(label.shape, label.dtype))}
     self.batch = sharding.global_batch(local, self.setup.mesh)
     self.key = jax.random.key(1)
     step_fn = self.setup.step_fn(config.perceptual.start_step if perceptual else 0)
@@ -128,11 +130,17 @@ class Variant:
     return (time.perf_counter() - t0) / n
 
 
+def _condition(setup, b: int):
+  """Zeros of the model's condition input for b examples (a class, or a text embedding)."""
+  spec = setup.conditioning.example(b)
+  return jnp.zeros(spec.shape, spec.dtype)
+
+
 def analytic_flops(setup) -> tuple[int, int]:
   """(U-Net forward, its encoder + mid-block) matmul FLOPs at the config's batch size."""
   model, b = setup.model, setup.config.batch_size
   x = jnp.zeros((b,) + tuple(setup.model_shape))
-  t, y = jnp.zeros((b,)), jnp.zeros((b,), jnp.int32)
+  t, y = jnp.zeros((b,)), _condition(setup, b)
   params = setup.abstract_state.params
   full = flops.matmul_flops(lambda p: model.apply({"params": p}, x, t, y), params)
   encoder = flops.matmul_flops(lambda p: model.apply({"params": p}, x, t, y, taps=("mid",)), params)
@@ -239,7 +247,7 @@ def stored_bytes_per_example(setup) -> int:
 
   def stored(b):
     def residuals(p):
-      x, t, y = jnp.zeros((b,) + tuple(setup.model_shape)), jnp.zeros((b,)), jnp.zeros((b,), jnp.int32)
+      x, t, y = jnp.zeros((b,) + tuple(setup.model_shape)), jnp.zeros((b,)), _condition(setup, b)
       return jax.vjp(lambda q: model.apply({"params": q}, x, t, y), p)[1]
 
     return sum(int(np.prod(r.shape)) * r.dtype.itemsize for r in jax.tree.leaves(jax.eval_shape(residuals, params)))

@@ -18,7 +18,11 @@ Arguments: '' (default), 'tiny', 'mse' (MSE only), 'small' (base 16, two blocks 
 the harder setting of docs/results.md's second comparison, where the pre-trained model is far from converged),
 'base32' (the default until 2026-11-30: base 32, two blocks per level, 1400 + 1000 steps at 1e-3; docs/results.md's
 figures before that date), 'uncond' (unconditional: no class input, label dropout or guidance; samples are not
-class-balanced); they combine with commas, e.g. 'tiny,mse'. The paper's whole comparison (MSE, MSE + guidance,
+class-balanced), 'text' (captions instead of classes: each training digit is given one of five captions of its class,
+"a handwritten seven", "the number 7", ..., through a small Stable Diffusion U-Net (models/sd.py, 'small') and the
+built-in text encoder (text.py); grids and evaluation prompt "a handwritten <digit>", so the digits classifier's
+class accuracy is the share of samples that show the asked digit; 1350 MSE + 250 self-perceptual steps at batch 64);
+they combine with commas, e.g. 'tiny,mse'. The paper's whole comparison (MSE, MSE + guidance,
 self-perceptual, from one pre-training) is one command:
 
   python -m selfperc_jax.experiments --config=configs/digits.py --workdir=workdirs/digits_comparison
@@ -75,4 +79,9 @@ def get_config(arg=None):
     config.model.arch = "sd"
     config.model.sd_layout = "small"
     config.diffusion.timesteps = 1000  # the SD U-Net takes diffusers' integer timesteps
+    if "tiny" not in args:  # measured (docs/results.md, "Text conditions"): 13 min on 2 cores, 0.97 of the asked digit
+      config.total_steps = 1600
+      config.perceptual.start_step = 1350
+      config.batch_size = 64  # the SD U-Net's step costs 5.5x the default's at batch 128 (BENCHMARKS.md)
+      config.sample_every = 800
   return config
