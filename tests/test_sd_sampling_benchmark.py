@@ -52,6 +52,7 @@ def test_the_guided_step_is_timed_and_compiled_for_its_memory():
   assert "| 2 |" in text and "TFLOPs with classifier-free guidance" in text
 
 
+@pytest.mark.slow  # compiles the guided step
 def test_device_benchmark_sd_rows_take_the_largest_batch_that_fits(monkeypatch):
   from benchmarks import device
 
