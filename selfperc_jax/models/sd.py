@@ -19,12 +19,16 @@ import jax.numpy as jnp
 from third_party.sd_unet import model as sd_unet
 
 # model.sd_layout: SD U-Net layouts trained here from scratch. 'small': SD 2.x's blocks (linear projections, cross-
-# attention at both levels) at widths 32 / 64 with 8-channel heads, context width 32 (text.py's built-in encoder).
+# attention at both levels) at widths 32 / 64 with 8-channel heads, context width 32 (text.py's built-in encoder);
+# 'tiny': one level of width 16 (the smoke-test size, configs/digits.py:text,tiny).
 LAYOUTS = {
     "small": sd_unet.UNetConfig(
         down_block_types=(sd_unet.CROSS_DOWN, sd_unet.CROSS_DOWN), up_block_types=(sd_unet.CROSS_UP, sd_unet.CROSS_UP),
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
         attention_head_dim=(4, 8)),
+    "tiny": sd_unet.UNetConfig(
+        down_block_types=(sd_unet.CROSS_DOWN,), up_block_types=(sd_unet.CROSS_UP,), block_out_channels=(16,),
+        layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=2),
 }
 
 
