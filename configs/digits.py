@@ -81,9 +81,9 @@ def get_config(arg=None):
     config.diffusion.timesteps = 1000  # the SD U-Net takes diffusers' integer timesteps
     if "tiny" in args:
       config.model.sd_layout = "tiny"  # one level: the smoke test's
-    else:  # measured (docs/results.md, "Text conditions"): 13 min on 2 cores, 0.97 of the asked digit
+    else:  # the recipe chosen by measurement: docs/results.md, "Text conditions"
       config.total_steps = 1600
       config.perceptual.start_step = 1350
-      config.batch_size = 64  # the SD U-Net's step costs 5.5x the default's at batch 128 (BENCHMARKS.md)
+      config.batch_size = 64  # the SD U-Net's step is dearer than the ADM one's (BENCHMARKS.md)
       config.sample_every = 800
   return config
