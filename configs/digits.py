@@ -33,13 +33,13 @@ from selfperc_jax import config_base
 
 def get_config(arg=None):
   args = set(filter(None, (arg or "").split(",")))
-  unknown = args - {"tiny", "mse", "small", "base32", "uncond", "text"}
+  unknown = args - {"tiny", "mse", "small", "base32", "uncond", "text", "study"}
   if unknown:
     raise ValueError(f"configs/digits.py: unknown argument(s) {sorted(unknown)}; use 'tiny', 'small' or 'base32', "
-                     "'mse', 'uncond' or 'text', comma-separated, or nothing.")
+                     "'mse', 'uncond' or 'text', 'study', comma-separated, or nothing.")
   if {"uncond", "text"} <= args:
     raise ValueError("configs/digits.py: 'uncond' and 'text' are different conditions; give one of them.")
-  sizes = sorted(args & {"tiny", "small", "base32"})
+  sizes = sorted(args & {"tiny", "small", "base32", "study"})
   if len(sizes) > 1:
     raise ValueError(f"configs/digits.py: {' and '.join(repr(a) for a in sizes)} are different sizes; give one of "
                      "them.")
@@ -68,6 +68,22 @@ def get_config(arg=None):
     config.model.base_channels = 16 if "small" in args else 32
     config.model.num_res_blocks = 2
     config.optimizer.learning_rate = 1e-3
+  if "study" in args:  # issue 25's study (docs/results.md, "The study"): 'small' over three training seeds
+    config.total_steps, config.perceptual.start_step = 1200, 600
+    config.sample_every = 1200
+    config.model.base_channels, config.model.num_res_blocks = 16, 2
+    config.optimizer.learning_rate = 1e-3
+    config.experiment.seeds = (0, 1, 2)
+    config.experiment.branches = ("mse", "perceptual")
+    config.experiment.guidance_scales = (1.0,)  # the paper's claim is about unguided samples
+    # The fine-tuning recipes of the self-perceptual branch: the default (the paper's start: online params = copy =
+    # the pre-trained EMA; Adam carried on; the learning rate warmed up again to the peak over a new cosine), the
+    # recipe before issue 25 ('rewarm': online params from the pre-trained online params, Adam and the sampling EMA
+    # started again) and a fine-tuning at a tenth of the peak, constant, with the sampling EMA carried ('gentle').
+    config.experiment.variants = (
+        "rewarm:finetune.online_start=online,finetune.optimizer_state=reset",
+        "gentle:finetune.learning_rate=1e-4,finetune.decay=constant,finetune.sampling_ema=carry",
+    )
   if "mse" in args:
     config.perceptual.weight = 0.0
   if "uncond" in args:  # unconditional: no class input, so nothing to drop for guidance and no guided rows

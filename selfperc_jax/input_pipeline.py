@@ -18,7 +18,7 @@ import numpy as np
 
 from selfperc_jax import space
 from selfperc_jax.data import digits, imagenet  # TFDS and scikit-learn are imported on use
-from selfperc_jax.data.datasets import NO_DATA
+from selfperc_jax.data.datasets import DATASETS, NO_DATA
 from selfperc_jax.errors import ConfigError
 
 
@@ -58,6 +58,11 @@ def open_source(config) -> Sequence:
     raise ConfigError("data.name='none' has no images to train on: this config samples a model folder "
                       "(--mode=sample). Training a text-conditioned model needs a captioned data set, which this "
                       "project does not read yet.")
+  if DATASETS[config.data.name].captioned:
+    raise ConfigError(f"data.name={config.data.name!r}: training on image-caption data needs the text encoder in "
+                      "the train step, which is not built yet; this version encodes such data (python -m "
+                      "selfperc_jax.encode_latents) and trains text conditions on the captioned digits "
+                      "(configs/digits.py:text).")
   return space.open_latents(config) if space.is_latent(config) else open_image_source(config.data)
 
 
@@ -65,6 +70,10 @@ def open_image_source(data_cfg) -> Sequence:
   """The random-access source of {'image': HWC uint8 or [-1, 1] float, 'label'} records of a (validated) config."""
   if data_cfg.name == "digits":
     return _Arrays(*digits.load(data_cfg.split, data_cfg.image_size))
+  if DATASETS[data_cfg.name].captioned:
+    from selfperc_jax.data import captioned
+
+    return captioned.open_source(data_cfg)
   return imagenet.open_source(data_cfg)  # imports TFDS; only this data set needs it
 
 

@@ -140,12 +140,18 @@ def latent_layout(config, num_examples: int = 0, shard_size: int = 0):
   from selfperc_jax.data import latents
 
   vae = vae_config(config.latent)
+  text_tokens, tokenizer = 0, ""
+  if DATASETS[config.data.name].captioned:  # the captions' token ids are stored with the latents
+    from selfperc_jax import text
+
+    tok = text.tokenizer(text.folder_of(config))
+    text_tokens, tokenizer = int(tok.max_length), text.tokenizer_identity(tok)
   return latents.Layout(
       source=config.data.name, split=config.data.split, image_size=int(config.data.image_size),
       num_examples=int(num_examples), shard_size=int(shard_size), flips=bool(config.latent.flips),
       latent_shape=model_shape(config), vae=config.latent.vae,
       vae_layout=(tuple(vae.block_out_channels), vae.layers_per_block, vae.norm_num_groups),
-      vae_weights=latents.weights_identity(config.latent.vae_weights))
+      vae_weights=latents.weights_identity(latent_section(config).vae_weights), text_tokens=text_tokens, tokenizer=tokenizer)
 
 
 def open_latents(config):
@@ -153,7 +159,7 @@ def open_latents(config):
   makes them."""
   from selfperc_jax.data import latents
 
-  check_vae_weights(config.latent)
+  check_vae_weights(latent_section(config))
   if not config.latent.dir:
     raise ConfigError(f"latent.dir is empty: set it to the folder of the encoded latents, made once with\n  "
                       f"{encode_command()} --config.latent.dir=DIR")

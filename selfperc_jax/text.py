@@ -99,6 +99,27 @@ def encoder(folder: str) -> TextEncoder:
   return TextEncoder(folder)
 
 
+def folder_of(config) -> str:
+  """The model folder whose tokenizer and text encoder config's text condition uses ('' for the built-in one)."""
+  return pretrained.folder_of(config) if config.pretrained else ""
+
+
+@functools.lru_cache(maxsize=2)
+def tokenizer(folder: str):
+  """The tokenizer alone (third_party/clip_text's CLIPTokenizer) of a model folder, or the built-in one for ''."""
+  from third_party.clip_text import tokenizer as clip_tokenizer
+
+  return clip_tokenizer.load_tokenizer(folder or BUILTIN_TOKENIZER)
+
+
+def tokenizer_identity(tok) -> str:
+  """What makes one tokenizer's ids another's: its vocabulary, merges and specials (a digest of them), and context."""
+  import hashlib
+
+  digest = hashlib.sha256(tok.backend.to_str().encode()).hexdigest()[:16]
+  return f"CLIP BPE, {tok.vocab_size} tokens, context {tok.max_length}, sha256 {digest}"
+
+
 @functools.lru_cache(maxsize=4)
 def _encode(folder: str, prompts: tuple[str, ...], negative: str, captions: tuple[tuple[str, ...], ...]) -> Encoded:
   enc = encoder(folder)
@@ -120,5 +141,4 @@ def encode_for_config(config) -> Encoded:
   if not prompts:
     raise ConfigError("condition='text' draws samples from prompts: set --config.sample.prompts='(\"a photo of a "
                       "cat\",)' or --config.sample.prompts_file=FILE (one prompt per line).")
-  folder = pretrained.folder_of(config) if config.pretrained else ""
-  return _encode(folder, prompts, str(config.sample.negative_prompt), captions_of(config))
+  return _encode(folder_of(config), prompts, str(config.sample.negative_prompt), captions_of(config))

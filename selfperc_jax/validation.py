@@ -300,6 +300,13 @@ def validate(config) -> None:
   _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 turns periodic evaluation off).")
   _one_of(config.data.name, tuple(DATASETS), "data.name")
   data_set = DATASETS[config.data.name]
+  if data_set.captioned:
+    _require(space.is_latent(config),
+             f"data.name={config.data.name!r} (image-caption data) is read through the latent encoder, which stores "
+             "each caption's token ids with the latents: set latent.vae='sd' (configs/sd21_base.py) and encode once "
+             "with python -m selfperc_jax.encode_latents.")
+    _require(config.condition == "text",
+             f"data.name={config.data.name!r} has captions, not classes: set condition='text' (and model.arch='sd').")
   if data_set.splits:
     _one_of(config.data.split, data_set.splits, "data.split")
   m = config.model

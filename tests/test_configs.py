@@ -71,7 +71,7 @@ CONFIGS_CHANGED_SINCE = {name: _NEW_DEFAULT for name in ("digits", "digits:", "d
 # 'base32' and 'text'.
 ERRORS_CHANGED_SINCE = {
     **{f"digits:{arg}": f"configs/digits.py: unknown argument(s) ['{bad}']; use 'tiny', 'small' or 'base32', 'mse', "
-                        "'uncond' or 'text', comma-separated, or nothing."
+                        "'uncond' or 'text', 'study', comma-separated, or nothing."
        for arg, bad in (("big", "big"), ("small,foo", "foo"))},
     "digits:tiny,small": "configs/digits.py: 'small' and 'tiny' are different sizes; give one of them."}
 

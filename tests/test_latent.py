@@ -38,8 +38,14 @@ def test_records_and_layout_round_trip():
   assert latents.Layout.from_json(layout.to_json()) == layout
   assert layout.num_shards == 4 and layout.shard_range(3) == (21, 24) and layout.record_shape() == (4, 8, 8, 4)
   moments = np.random.default_rng(0).normal(size=(4, 8, 8, 4)).astype(np.float16)
-  label, back = latents.decode_record(latents.encode_record(917, moments), (4, 8, 8, 4))
-  assert label == 917 and np.array_equal(back, moments)
+  label, tokens, back = latents.decode_record(latents.encode_record(917, moments), (4, 8, 8, 4))
+  assert label == 917 and tokens is None and np.array_equal(back, moments)
+  ids = np.arange(77, dtype=np.int32) * 3
+  label, tokens, back = latents.decode_record(latents.encode_record(0, moments, ids), (4, 8, 8, 4), 77)
+  assert label == 0 and np.array_equal(tokens, ids) and np.array_equal(back, moments)
+  old = json.loads(layout.to_json())  # a folder encoded before captions existed reads as one without them
+  del old["text_tokens"], old["tokenizer"]
+  assert latents.Layout.from_json(json.dumps(old)) == layout
 
 
 def test_the_model_shape_is_the_latent_shape_and_the_config_checks_the_vae(tmp_path):

@@ -4,10 +4,13 @@
   latent.dir/<split>/shard-00000-of-00040.array_record      examples [0, shard_size), in the data set's order
   ...
 
-Each record is one example: its label (int32) and the moments of its VAE posterior as float16, (k, h, w, c) with
-k = 2 (mean, std) or, with latent.flips, 4 (mean, std of the image, then of its mirror image, which is not the mirror
-of the latent). A shard is written under a temporary name and renamed when complete, so a folder holds only whole
-shards; the encoder skips those on a rerun, and the trainer refuses a folder that lacks any.
+Each record is one example: its label (int32), for a captioned data set its caption's token ids (int32, the
+tokenizer's context length: the text encoder runs in the step), and the moments of its VAE posterior as float16,
+(k, h, w, c) with k = 2 (mean, std) or, with latent.flips, 4 (mean, std of the image, then of its mirror image, which
+is not the mirror of the latent). A shard is written under a temporary name and renamed when complete, so a folder
+holds only whole shards; the encoder skips those on a rerun, and the trainer refuses a folder that lacks any. A
+captioned data set's shard holds the examples of its range that could be used; shard-*.json beside it counts the
+ones skipped (unreadable images, empty captions) and names a few, for the encoder's summary.
 
 The trainer draws z = mean + std * noise (`LatentSource.draw`), from a generator seeded by (seed, global position
 in the data order): the draws do not depend on the number of processes or workers, and a resumed run draws what an
@@ -45,6 +48,8 @@ class Layout:
   vae_layout: tuple  # block_out_channels, layers_per_block, norm groups
   vae_weights: str  # file name and size of the weights (a changed file is another encoding)
   format: int = FORMAT
+  text_tokens: int = 0  # a captioned data set's token ids per example (the tokenizer's context); 0: no captions
+  tokenizer: str = ""  # which tokenizer made them (its vocabulary's digest): another one is another encoding
 
   @property
   def num_shards(self) -> int:
@@ -84,13 +89,22 @@ def shard_name(i: int, n: int) -> str:
   return f"shard-{i:05d}-of-{n:05d}.array_record"
 
 
-def encode_record(label: int, moments: np.ndarray) -> bytes:
-  return np.int32(label).tobytes() + np.ascontiguousarray(moments, DTYPE).tobytes()
+def skips_name(i: int, n: int) -> str:
+  """The captioned shard's count of skipped examples (JSON), written before the shard."""
+  return shard_name(i, n).replace(".array_record", ".json")
 
 
-def decode_record(record: bytes, shape: tuple[int, ...]) -> tuple[int, np.ndarray]:
+def encode_record(label: int, moments: np.ndarray, tokens: np.ndarray | None = None) -> bytes:
+  ids = b"" if tokens is None else np.ascontiguousarray(tokens, np.int32).tobytes()
+  return np.int32(label).tobytes() + ids + np.ascontiguousarray(moments, DTYPE).tobytes()
+
+
+def decode_record(record: bytes, shape: tuple[int, ...], text_tokens: int = 0
+                  ) -> tuple[int, np.ndarray | None, np.ndarray]:
+  """(label, token ids (text_tokens,) or None, moments `shape`)."""
   label = int(np.frombuffer(record, np.int32, 1)[0])
-  return label, np.frombuffer(record, DTYPE, offset=4).reshape(shape)
+  tokens = np.frombuffer(record, np.int32, text_tokens, offset=4) if text_tokens else None
+  return label, tokens, np.frombuffer(record, DTYPE, offset=4 + 4 * text_tokens).reshape(shape)
 
 
 def read_layout(directory: str) -> Layout | None:
@@ -116,8 +130,9 @@ def missing_shards(directory: str, layout: Layout) -> list[int]:
 
 
 class LatentSource(Sequence):
-  """Random access to the encoded examples: {'moments': float16 (k, h, w, c), 'label'}; `draw` makes a training
-  example. Picklable (grain's workers get a copy), as the ArrayRecord data source reopens its files."""
+  """Random access to the encoded examples: {'moments': float16 (k, h, w, c), 'label'} (and 'tokens', int32 ids, of a
+  captioned data set); `draw` makes a training example. Picklable (grain's workers get a copy), as the ArrayRecord
+  data source reopens its files. Its length is the records'(a captioned data set's skipped examples are not there)."""
 
   def __init__(self, directory: str, layout: Layout, scaling_factor: float):
     import grain
@@ -128,11 +143,14 @@ class LatentSource(Sequence):
     self.shape = layout.record_shape()
 
   def __len__(self) -> int:
-    return self.layout.num_examples
+    return len(self.records)
 
   def __getitem__(self, index):
-    label, moments = decode_record(self.records[int(index)], self.shape)
-    return {"moments": moments, "label": np.int32(label)}
+    label, tokens, moments = decode_record(self.records[int(index)], self.shape, self.layout.text_tokens)
+    example = {"moments": moments, "label": np.int32(label)}
+    if tokens is not None:
+      example["tokens"] = tokens
+    return example
 
   def draw(self, index: int, flip: bool, rng: np.random.Generator) -> dict:
     """{'image': z * scaling_factor (float32 h, w, c), 'label'}, z drawn from the posterior of the example (of its
@@ -141,7 +159,10 @@ class LatentSource(Sequence):
     m = example["moments"].astype(np.float32)
     mean, std = (m[2], m[3]) if flip else (m[0], m[1])
     z = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-    return {"image": z * np.float32(self.scale), "label": example["label"]}
+    out = {"image": z * np.float32(self.scale), "label": example["label"]}
+    if "tokens" in example:
+      out["tokens"] = example["tokens"]
+    return out
 
 
 def open_source(directory: str, expected: Layout, scaling_factor: float, command: str) -> LatentSource:

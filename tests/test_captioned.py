@@ -1,0 +1,183 @@
+"""Image-caption data (data/captioned.py) through the latent encoder: img2dataset's webdataset shards and a folder
+with a captions .jsonl, SD's crop, token ids stored with the latents, bad examples counted and named, resume."""
+
+import io
+import json
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import load_config, override
+from selfperc_jax import encode_latents, space, text, validation
+from selfperc_jax.data import captioned, latents
+from selfperc_jax.errors import ConfigError
+
+
+def _image(width, height, seed, fmt="PNG"):
+  pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, format=fmt)
+  return pixels, out.getvalue()
+
+
+# key: (image bytes or None, caption or None); the examples both formats hold, in their order
+def _examples():
+  return {
+      "000000000": (_image(24, 16, 0)[1], "a photo of a red cube"),
+      "000000001": (_image(12, 30, 1, "JPEG")[1], "two cats on a sofa"),
+      "000000002": (b"\xff\xd8 not a jpeg", "a broken file"),  # unreadable
+      "000000003": (_image(20, 20, 3)[1], "   "),  # blank caption
+      "000000004": (_image(40, 18, 4, "WEBP")[1], "a lighthouse at dusk"),
+      "000000005": (_image(16, 16, 5)[1], None),  # no .txt
+  }
+
+
+def write_webdataset(folder, examples=None, per_tar=3):
+  """Tar shards as img2dataset writes them: <key>.<ext>, <key>.txt, <key>.json (and a key with only .json)."""
+  os.makedirs(folder, exist_ok=True)
+  items = list((examples or _examples()).items())
+  for t in range(0, len(items), per_tar):
+    with tarfile.open(os.path.join(folder, f"{t // per_tar:05d}.tar"), "w") as tar:
+      def add(name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+      for key, (data, caption) in items[t:t + per_tar]:
+        ext = "jpg" if data.startswith(b"\xff\xd8") else ("webp" if data[8:12] == b"WEBP" else "png")
+        add(f"{key}.{ext}", data)
+        if caption is not None:
+          add(f"{key}.txt", caption.encode())
+        add(f"{key}.json", json.dumps({"key": key, "status": "success"}).encode())
+      add(f"9{t:08d}.json", b'{"status": "failed_to_download"}')  # no image: not an example
+  return str(folder)
+
+
+def write_imagefolder(folder, examples=None):
+  """Images in a subfolder and metadata.jsonl naming them (one missing file, one unparseable line)."""
+  os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+  lines = []
+  for key, (data, caption) in (examples or _examples()).items():
+    with open(os.path.join(folder, "images", key + ".img"), "wb") as f:
+      f.write(data)
+    lines.append(json.dumps({"file_name": f"images/{key}.img", **({"text": caption} if caption is not None else {})}))
+  lines.insert(2, json.dumps({"file_name": "images/missing.png", "text": "gone"}))
+  lines.insert(4, "{not json")
+  with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+    f.write("\n".join(lines) + "\n\n")
+  return str(folder)
+
+
+def test_sd_crop_resizes_the_short_side_then_cuts_the_centre():
+  pixels = np.zeros((30, 60, 3), np.uint8)
+  pixels[:, 15:45] = 200  # the centre square of the landscape image is bright, its sides dark
+  out = captioned.sd_crop(Image.fromarray(pixels), 10)
+  assert out.shape == (10, 10, 3) and out.dtype == np.uint8
+  assert out[:, 1:-1].min() == 200  # only the centre's columns are left (the edges may blend)
+  portrait = captioned.sd_crop(Image.fromarray(np.full((50, 20, 3), 7, np.uint8)), 8)
+  assert portrait.shape == (8, 8, 3) and (portrait == 7).all()
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "imagefolder"])
+def test_both_formats_read_every_example_and_flag_the_ones_that_cannot_be_used(kind, tmp_path):
+  directory = (write_webdataset if kind == "webdataset" else write_imagefolder)(tmp_path / kind)
+  source = captioned.open_source(override(load_config("sd21_base", "tiny"),
+                                          **{"data.name": kind, "data.dir": directory}).data)
+  rows = [source[i] for i in range(len(source))]
+  by_key = {r["key"].split("/")[-1].removesuffix(".img"): r for r in rows}
+  assert by_key["000000000"]["caption"] == "a photo of a red cube" and by_key["000000000"]["status"] == captioned.OK
+  assert by_key["000000002"]["status"] == captioned.UNREADABLE
+  assert by_key["000000003"]["status"] == by_key["000000005"]["status"] == captioned.NO_CAPTION
+  assert by_key["000000004"]["status"] == captioned.OK  # webp
+  assert all(r["image"].shape == (16, 16, 3) and r["image"].dtype == np.uint8 for r in rows)
+  expected = captioned.sd_crop(Image.open(io.BytesIO(_examples()["000000001"][0])), 16)
+  np.testing.assert_array_equal(by_key["000000001"]["image"], expected)
+  if kind == "webdataset":
+    assert len(source) == 6  # the keys with only a .json are not examples
+  else:
+    assert len(source) == 8 and by_key["missing.png"]["status"] == captioned.UNREADABLE
+    assert by_key["metadata.jsonl line 5"]["status"] == captioned.UNREADABLE  # the unparseable line, by its number
+
+
+def test_a_folder_without_data_is_one_error_naming_what_to_give(tmp_path):
+  config = load_config("sd21_base", "tiny")
+  with pytest.raises(ConfigError, match="holds no .tar shards.*imagefolder"):
+    captioned.open_source(override(config, **{"data.name": "webdataset", "data.dir": str(tmp_path)}).data)
+  (tmp_path / "captions.jsonl").write_text("")
+  (tmp_path / "metadata.jsonl").write_text("")
+  with pytest.raises(ConfigError, match="one captions file.*it holds captions.jsonl and metadata.jsonl"):
+    captioned.open_source(override(config, **{"data.name": "imagefolder", "data.dir": str(tmp_path)}).data)
+  with pytest.raises(ConfigError, match="data.dir, which is not set"):
+    captioned.open_source(override(config, **{"data.name": "imagefolder", "data.dir": ""}).data)
+
+
+def test_captioned_data_needs_latents_and_a_text_condition():
+  config = override(load_config("digits", "text"), **{"data.name": "webdataset", "eval.features": "inception"})
+  with pytest.raises(ConfigError, match="read through the latent encoder.*latent.vae='sd'"):
+    validation.validate(config)
+  config = override(load_config("digits", ""), **{"data.name": "webdataset", "latent.vae": "sd",
+                                                  "data.image_size": 16, "eval.features": "inception"})
+  with pytest.raises(ConfigError, match="has captions, not classes: set condition='text'"):
+    validation.validate(config)
+
+
+def _encode_config(sd_folder, kind, directory, latent_dir, **overrides):
+  return override(load_config("sd21_base", "tiny"), **{
+      "pretrained": sd_folder, "data.name": kind, "data.dir": directory, "latent.dir": str(latent_dir),
+      "latent.shard_size": 3, "latent.encode_batch_size": 4, **overrides})
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "imagefolder"])
+def test_encoding_stores_the_token_ids_skips_bad_examples_with_a_summary_and_resumes(kind, sd_folder, tmp_path,
+                                                                                    capsys):
+  directory = (write_webdataset if kind == "webdataset" else write_imagefolder)(tmp_path / kind)
+  config = _encode_config(sd_folder, kind, directory, tmp_path / "latents")
+  result = encode_latents.run(config)
+  out = capsys.readouterr().out
+  n, shards = (6, 2) if kind == "webdataset" else (8, 3)
+  assert (result["encoded"], result["skipped"]) == (shards, 0)
+  bad = 1 if kind == "webdataset" else 3  # + the missing file and the unparseable line
+  assert (f"3 captioned examples of {n} encoded; skipped {bad} unreadable images (e.g. " in out
+          and "2 empty or missing captions (e.g. " in out), out
+  split = latents.split_dir(config.latent.dir, "train")
+  layout = latents.read_layout(split)
+  tok = text.tokenizer(sd_folder)
+  assert layout.text_tokens == tok.max_length == 77 and "sha256" in layout.tokenizer
+  source = space.open_latents(config)  # what the trainer will read
+  assert len(source) == 3  # the usable examples: 0, 1, 4 in order
+  captions = ["a photo of a red cube", "two cats on a sofa", "a lighthouse at dusk"]
+  for i, caption in enumerate(captions):
+    np.testing.assert_array_equal(source[i]["tokens"], tok.encode([caption])[0])
+  # Record 1 is image 1's posterior through the folder's VAE (SD's crop of it).
+  vae, variables = space.load_vae(space.latent_section(config))  # the folder's vae/
+  image = captioned.sd_crop(Image.open(io.BytesIO(_examples()["000000001"][0])), 16)
+  mean, logvar = vae.apply(variables, image[None].astype(np.float32) / 127.5 - 1.0, method=vae.encode)
+  np.testing.assert_allclose(source[1]["moments"][0].astype(np.float32), np.asarray(mean[0]), rtol=2e-3, atol=2e-3)
+  assert set(source.draw(1, False, np.random.default_rng(0))) == {"image", "label", "tokens"}
+
+  # A killed run resumes: the missing shard is written again with its count; the summary is the same.
+  last = os.path.join(split, latents.shard_name(shards - 1, shards))
+  before = open(last, "rb").read()
+  os.remove(last)
+  assert encode_latents.run(config)["encoded"] == 1 and open(last, "rb").read() == before
+  assert encode_latents.summary(split, layout) in capsys.readouterr().out
+  # Another tokenizer's ids are another encoding: refused by the encoder, naming the tokenizer.
+  other = tmp_path / "other_sd"  # the same folder with SD 1.x's style of tokenizer
+  shutil.copytree(sd_folder, other)
+  shutil.rmtree(other / "tokenizer")
+  shutil.copytree(os.path.join(os.path.dirname(text.BUILTIN_TOKENIZER), "tokenizer_sd1"), other / "tokenizer")
+  with pytest.raises(ConfigError, match="encoded differently:\n  tokenizer: 'CLIP BPE.*' there, 'CLIP BPE.*' now"):
+    encode_latents.run(override(config, **{"pretrained": str(other)}))
+
+
+def test_training_on_captioned_latents_is_refused_with_nothing_written(sd_folder, tmp_path):
+  """The text encoder in the step (issue 24) is not built: one error line, before the workdir is touched."""
+  from selfperc_jax import train
+
+  config = _encode_config(sd_folder, "webdataset", write_webdataset(tmp_path / "wds"), tmp_path / "latents")
+  with pytest.raises(ConfigError, match="training on image-caption data needs the text encoder in the train step"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
