@@ -10,7 +10,9 @@ A condition `y` is what the model takes beside x and t, one per example:
   1024); `null` is the empty prompt's, as Stable Diffusion trains and guides. A data set with captions per class
   (the digits) gives each training example one of its class's captions, drawn per step on the devices
   (`from_labels` with a key; the captions' embeddings are a table of the step); a batch may also carry the
-  embeddings themselves (float (B, L, D) labels). A draw is a prompt index per sample
+  embeddings themselves (float (B, L, D) labels). Image-caption data (data/captioned.py) give each example its
+  caption's token ids (int32 (B, L) labels), which the frozen text encoder (`text_model`, its params an argument
+  of the step, never trained or checkpointed) turns into embeddings in the step. A draw is a prompt index per sample
   (sample.prompts, each repeated alike: one grid row per prompt); `model_inputs` turns the indices of a chunk into
   their embeddings on the host, so a draw of any size holds one row per prompt. Guidance's unconditional input is the
   negative prompt's embedding where sample.negative_prompt is set (`guidance_null`), as in diffusers' pipelines.
@@ -40,6 +42,10 @@ class Conditioning:
   negative_embedding: np.ndarray | None = None
   caption_embeddings: np.ndarray | None = None
   captions_per_class: int = 0
+  # 'text' on image-caption data: the text encoder (a flax module, third_party/clip_text) that the step runs on the
+  # batch's token ids with the params it is given; its context length.
+  text_model: object | None = None
+  text_tokens: int = 0
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -80,14 +86,22 @@ class Conditioning:
   def batch_label(self, batch: int) -> jax.ShapeDtypeStruct:
     """The shape and dtype of a training batch's 'label': the class (also for captioned text), or the text
     embeddings where there are no captions to draw from."""
+    if self.text_model is not None:
+      return jax.ShapeDtypeStruct((batch, self.text_tokens), jnp.int32)
     if self.kind == "text" and self.caption_embeddings is None:
       return self.example(batch)
     return jax.ShapeDtypeStruct((batch,), jnp.int32)
 
-  def from_labels(self, labels: jax.Array, key: jax.Array | None = None) -> jax.Array:
+  def from_labels(self, labels: jax.Array, key: jax.Array | None = None, text_params=None) -> jax.Array:
     """The condition of a batch of examples with these data-set labels: the class; for text, one caption of the
-    example's class, drawn with `key` (each of its K alike), or the labels themselves where they are embeddings."""
+    example's class, drawn with `key` (each of its K alike), the text encoder's hidden states of the labels where
+    they are token ids (with its `text_params`), or the labels themselves where they are embeddings."""
     if self.kind == "text":
+      if self.text_model is not None:
+        if text_params is None:
+          raise ValueError("token-id labels need the text encoder's params (text_params)")
+        hidden = self.text_model.apply(text_params, jnp.asarray(labels, jnp.int32)).last_hidden_state
+        return jax.lax.stop_gradient(hidden.astype(jnp.float32))
       if self.caption_embeddings is None:
         return jnp.asarray(labels, jnp.float32)
       k = self.captions_per_class
@@ -150,6 +164,20 @@ def from_config(config) -> Conditioning:
 
   encoded = text.encode_for_config(config)
   per_class = len(text.captions_of(config)[0]) if encoded.captions is not None else 0
+  in_step = {}
+  if text.captioned(config):  # the batch holds token ids: the encoder runs in the step
+    encoder = text.encoder(text.folder_of(config))
+    in_step = {"text_model": encoder.model, "text_tokens": int(encoder.tokenizer.max_length)}
   return Conditioning(kind="text", num_classes=0, null_embedding=encoded.null, prompt_embeddings=encoded.prompts,
                       negative_embedding=encoded.negative, caption_embeddings=encoded.captions,
-                      captions_per_class=per_class)
+                      captions_per_class=per_class, **in_step)
+
+
+def frozen_params(config):
+  """What the step takes beside the state and never trains: {'text': the text encoder's variables} where the
+  condition is a caption's token ids (image-caption data), else {} (host arrays; the caller places them)."""
+  from selfperc_jax import text
+
+  if config.condition != "text" or not text.captioned(config):
+    return {}
+  return {"text": jax.tree.map(np.asarray, text.encoder(text.folder_of(config)).variables)}

@@ -58,11 +58,6 @@ def open_source(config) -> Sequence:
     raise ConfigError("data.name='none' has no images to train on: this config samples a model folder "
                       "(--mode=sample). Training a text-conditioned model needs a captioned data set, which this "
                       "project does not read yet.")
-  if DATASETS[config.data.name].captioned:
-    raise ConfigError(f"data.name={config.data.name!r}: training on image-caption data needs the text encoder in "
-                      "the train step, which is not built yet; this version encodes such data (python -m "
-                      "selfperc_jax.encode_latents) and trains text conditions on the captioned digits "
-                      "(configs/digits.py:text).")
   return space.open_latents(config) if space.is_latent(config) else open_image_source(config.data)
 
 

@@ -13,6 +13,20 @@ from selfperc_jax import models
 from selfperc_jax.evaluation import evaluate
 
 
+class _WithFrozen:
+  """A jitted step of (state, batch, key, frozen) called, and lowered, as (state, batch, key): the frozen params
+  (placed once on the mesh) go with every call."""
+
+  def __init__(self, jitted, frozen):
+    self.jitted, self.frozen = jitted, frozen
+
+  def __call__(self, state, batch, key):
+    return self.jitted(state, batch, key, self.frozen)
+
+  def lower(self, state, batch, key):
+    return self.jitted.lower(state, batch, key, self.frozen)
+
+
 class Setup:
   """Everything built from a config before the first step: mesh, data, model, optimizer, state layout."""
 
@@ -47,7 +61,9 @@ class Setup:
     if phase not in self._step_fns:
       fn = step_lib.make_train_step(self.config, self.model, self.schedule, self.tx, phase=phase,
                                     learning_rate=self.lr_schedule, cond=self.conditioning)
-      self._step_fns[phase] = sharding.jit_train_step(fn, self.mesh, self.state_sharding)
+      frozen = conditioning.frozen_params(self.config)
+      jitted = sharding.jit_train_step(fn, self.mesh, self.state_sharding, frozen=bool(frozen))
+      self._step_fns[phase] = _WithFrozen(jitted, sharding.replicate(frozen, self.mesh)) if frozen else jitted
     return self._step_fns[phase]
 
   def start_fine_tuning(self, state, step: int):

@@ -113,11 +113,12 @@ def global_batch(local_batch, mesh: Mesh):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
-def jit_train_step(train_step, mesh: Mesh, state_sharding):
-  """Compiles the pure step with explicit shardings, donating the old state."""
+def jit_train_step(train_step, mesh: Mesh, state_sharding, frozen: bool = False):
+  """Compiles the pure step with explicit shardings, donating the old state; with `frozen`, the step takes a fourth
+  argument, replicated (the frozen params it uses: the text encoder's)."""
   return jax.jit(
       train_step,
-      in_shardings=(state_sharding, batch_sharding(mesh), replicated(mesh)),
+      in_shardings=(state_sharding, batch_sharding(mesh), replicated(mesh)) + ((replicated(mesh),) if frozen else ()),
       out_shardings=(state_sharding, replicated(mesh)),
       donate_argnums=0,
   )

@@ -176,7 +176,8 @@ def _accumulated(grad_fn, params, examples, dropout_key, n: int):
 
 def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, phase: bool, learning_rate=None,
                     cond: conditioning.Conditioning | None = None):
-  """Builds `train_step(state, batch, base_key) -> (state, metrics)`; batch = {'image': NHWC in [-1,1], 'label'}.
+  """Builds `train_step(state, batch, base_key[, frozen]) -> (state, metrics)`; batch = {'image': NHWC in [-1,1],
+  'label'}.
 
   tx's updates are multiplied by learning_rate(state.step) (default `learning_rate_fn(config)`; see
   `make_optimizer`), and the sampling EMA's decay is `sampling_ema_schedule(config)`'s. The state change at a single
@@ -200,7 +201,10 @@ def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, 
   learning_rate = learning_rate_fn(config) if learning_rate is None else learning_rate
   ema_decay = sampling_ema_schedule(config)
 
-  def train_step(state: TrainState, batch, base_key):
+  def train_step(state: TrainState, batch, base_key, frozen=None):
+    """frozen: what the step uses and never trains (conditioning.frozen_params: the text encoder's variables where
+    the labels are token ids), or None."""
+    frozen = frozen or {}
     key = jax.random.fold_in(base_key, state.step)
     k_t, k_eps, k_drop_label, k_dropout, k_perceptual = jax.random.split(key, 5)
     x0, labels = batch["image"], batch["label"]
@@ -210,8 +214,8 @@ def make_train_step(config, model: nn.Module, schedule: diffusion.Schedule, tx, 
     t = schedule.sample_t(k_t, (b,))
     examples = {
         "x0": x0, "t": t, "eps": jax.random.normal(k_eps, x0.shape, x0.dtype),
-        "label": cond.drop(k_drop_label, cond.from_labels(labels, jax.random.fold_in(k_drop_label, 1)),
-                           loss_cfg.label_dropout),
+        "label": cond.drop(k_drop_label, cond.from_labels(labels, jax.random.fold_in(k_drop_label, 1),
+                                                          frozen.get("text")), loss_cfg.label_dropout),
     }
     if loss_cfg.min_snr_gamma > 0:
       examples["weight"] = losses.min_snr_weight(schedule.log_snr(t), prediction, loss_cfg.min_snr_gamma)

@@ -89,6 +89,11 @@ def prompts_of(config) -> tuple[str, ...]:
   return tuple(prompts)
 
 
+def captioned(config) -> bool:
+  """Whether config's data set has a caption per example (image-caption data: token ids in the batch)."""
+  return DATASETS[config.data.name].captioned
+
+
 def captions_of(config) -> tuple[tuple[str, ...], ...]:
   """The data set's captions per class (() for a data set without captions)."""
   return DATASETS[config.data.name].captions

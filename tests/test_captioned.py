@@ -156,7 +156,7 @@ def test_encoding_stores_the_token_ids_skips_bad_examples_with_a_summary_and_res
   image = captioned.sd_crop(Image.open(io.BytesIO(_examples()["000000001"][0])), 16)
   mean, logvar = vae.apply(variables, image[None].astype(np.float32) / 127.5 - 1.0, method=vae.encode)
   np.testing.assert_allclose(source[1]["moments"][0].astype(np.float32), np.asarray(mean[0]), rtol=2e-3, atol=2e-3)
-  assert set(source.draw(1, False, np.random.default_rng(0))) == {"image", "label", "tokens"}
+  np.testing.assert_array_equal(source.draw(1, False, np.random.default_rng(0))["label"], source[1]["tokens"])
 
   # A killed run resumes: the missing shard is written again with its count; the summary is the same.
   last = os.path.join(split, latents.shard_name(shards - 1, shards))
@@ -173,11 +173,35 @@ def test_encoding_stores_the_token_ids_skips_bad_examples_with_a_summary_and_res
     encode_latents.run(override(config, **{"pretrained": str(other)}))
 
 
-def test_training_on_captioned_latents_is_refused_with_nothing_written(sd_folder, tmp_path):
-  """The text encoder in the step (issue 24) is not built: one error line, before the workdir is touched."""
-  from selfperc_jax import train
+@pytest.mark.slow
+def test_a_run_on_encoded_captions_trains_both_phases_with_the_text_encoder_in_the_step(sd_folder, tmp_path):
+  """Encoded webdataset -> MSE then self-perceptual steps, the condition the frozen text encoder's hidden states of
+  each example's caption, computed in the step (equal to the host's encoding), never trained or checkpointed."""
+  import jax
 
-  config = _encode_config(sd_folder, "webdataset", write_webdataset(tmp_path / "wds"), tmp_path / "latents")
-  with pytest.raises(ConfigError, match="training on image-caption data needs the text encoder in the train step"):
-    train.train_and_evaluate(config, str(tmp_path / "w"))
-  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+  from selfperc_jax import conditioning, sharding, train
+  from selfperc_jax.setup import Setup
+
+  examples = {**_examples(), **{f"1{i:08d}": (_image(20 + i, 16, 10 + i)[1], f"picture number {i}") for i in range(9)}}
+  data = write_webdataset(tmp_path / "wds", examples)
+  config = _encode_config(sd_folder, "webdataset", data, tmp_path / "latents", **{
+      "total_steps": 4, "perceptual.start_step": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 4,
+      "optimizer.warmup_steps": 1, "loss.label_dropout": 0.0, "sample.prompts": ("a red cube",),
+      "model.sd_layout": "tiny"})  # a one-level U-Net from scratch; the folder's text encoder and VAE
+  encode_latents.run(config)
+  cond = conditioning.from_config(config)
+  frozen = conditioning.frozen_params(config)
+  tokens = space.open_latents(config)[1]["tokens"][None]
+  host = text.encoder(sd_folder).encode(["two cats on a sofa"])
+  np.testing.assert_allclose(np.asarray(cond.from_labels(tokens, text_params=frozen["text"])), host, atol=1e-5)
+
+  final = train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert final["step"] == 4 and final["loss_perceptual"] > 0 and np.isfinite(final["loss"])
+  # The caption reaches the loss: the same state and noise, other captions, another loss.
+  setup = Setup(config, with_data=True)
+  state, key = setup.init_state(jax.random.key(0)), jax.random.key(1)
+  batch = next(setup.pipeline)
+  other = {**batch, "label": batch["label"][::-1].copy()}
+  losses = [float(setup.step_fn(0)(setup.init_state(jax.random.key(0)), sharding.global_batch(b, setup.mesh),
+                                   key)[1]["loss"]) for b in (batch, other)]
+  assert losses[0] != losses[1] and not any("text" in str(k) for k in jax.tree_util.tree_flatten_with_path(state)[0])

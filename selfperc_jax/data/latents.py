@@ -154,15 +154,12 @@ class LatentSource(Sequence):
 
   def draw(self, index: int, flip: bool, rng: np.random.Generator) -> dict:
     """{'image': z * scaling_factor (float32 h, w, c), 'label'}, z drawn from the posterior of the example (of its
-    mirror image when flip)."""
+    mirror image when flip); a captioned example's label is its caption's token ids (the model's condition)."""
     example = self[index]
     m = example["moments"].astype(np.float32)
     mean, std = (m[2], m[3]) if flip else (m[0], m[1])
     z = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-    out = {"image": z * np.float32(self.scale), "label": example["label"]}
-    if "tokens" in example:
-      out["tokens"] = example["tokens"]
-    return out
+    return {"image": z * np.float32(self.scale), "label": example.get("tokens", example["label"])}
 
 
 def open_source(directory: str, expected: Layout, scaling_factor: float, command: str) -> LatentSource:
