@@ -134,6 +134,10 @@ class Conditioning:
     if not self.conditional:
       return np.zeros(int(num_samples), np.int32)
     if self.kind == "text":
+      if not len(self.prompt_embeddings):
+        from selfperc_jax import text
+
+        raise text.no_prompts()
       return class_labels(int(num_samples), len(self.prompt_embeddings))
     return class_labels(int(num_samples), self.num_classes, classes)
 

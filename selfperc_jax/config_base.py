@@ -38,8 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.condition = "class"
   # A Stable Diffusion model folder in diffusers' layout (unet/, text_encoder/, tokenizer/, vae/, scheduler/;
   # selfperc_jax/pretrained.py), for model.arch='sd': its U-Net, text encoder and VAE; its scheduler_config.json must
-  # agree with diffusion.* and sample.* (checked at start).
+  # agree with diffusion.* and sample.* (checked at start), unless retrain_schedule.
   config.pretrained = ""
+  # True: fine-tune the folder's U-Net to this config's diffusion.* and sample.* instead of its scheduler_config.json's
+  # (not checked then): the paper's switch of SD 2.1-base's epsilon model to v-prediction with zero terminal SNR.
+  config.retrain_schedule = False
   config.total_steps = 2000  # optimizer steps of the whole run, pre-training included
   config.batch_size = 128  # global, over all hosts and devices
   config.log_every = 100  # steps between rows of metrics.jsonl
@@ -54,7 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (passed over for an older one and moved to checkpoints_corrupt/); True trusts such checkpoints.
   config.trust_unverified_checkpoints = False
   # A workdir (or its checkpoints/ folder) whose latest checkpoint starts this run, e.g. an MSE-pretrained model: the
-  # run is then a fine-tuning run, and what it takes from there is finetune.*'s to say.
+  # run is then a fine-tuning run, and what it takes from there is finetune.*'s to say. Or a diffusers model folder
+  # (model.arch='sd'): its unet/ weights are the online params, the sampling EMA and the copy; it has no optimizer
+  # state (finetune.optimizer_state='reset').
   config.init_from = ""
 
   config.data = ml_collections.ConfigDict()

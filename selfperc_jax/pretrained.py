@@ -36,6 +36,15 @@ def folder_of(config) -> str:
   return os.path.abspath(os.path.expanduser(str(config.pretrained)))
 
 
+def folder_path(path: str) -> str:
+  return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def is_model_folder(path: str) -> bool:
+  """Whether `path` (e.g. init_from) is a diffusers model folder: one with unet/config.json (not a workdir)."""
+  return bool(path) and os.path.isfile(os.path.join(folder_path(path), "unet", "config.json"))
+
+
 def _weights(folder: str, part: str) -> str | None:
   for name in WEIGHTS[part]:
     path = os.path.join(folder, part, name)

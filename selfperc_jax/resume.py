@@ -11,7 +11,7 @@ import time
 import jax
 import ml_collections
 
-from selfperc_jax import checkpoint, config_base, config_tree, fileio, sharding, step as step_lib
+from selfperc_jax import checkpoint, config_base, config_tree, fileio, pretrained, sharding, step as step_lib
 from selfperc_jax.errors import CheckpointError, CorruptCheckpointError
 from selfperc_jax.setup import Setup
 
@@ -26,7 +26,7 @@ ADDED_KEY_DEFAULTS = {"model.head_channels": 0, "model.attention": "auto", "opti
                       "sample.timestep_spacing": "project", "sample.steps_offset": 0, "sample.final_step": "clean",
                       "condition": "class", "experiment.seeds": (), "experiment.variants": (),
                       "model.arch": "adm", "model.sd_layout": "", "pretrained": "", "sample.prompts": (), "sample.prompts_file": "",
-                      "sample.negative_prompt": "",
+                      "sample.negative_prompt": "", "retrain_schedule": False,
                       # The recipe of before finetune.* existed, so that a run that predates it goes on as it began
                       # (keep_recipe): one optimizer.* schedule and EMA warm-up over the run's steps, no change of
                       # the state at the start step (online params and Adam's state as they are). (An init_from run
@@ -104,6 +104,21 @@ def _init_from(setup: Setup, state, src: checkpoint.Checkpointer, step: int):
         + (f", the perceptual copy from its {copy_source} params" if copy is not None else ""), flush=True)
   return state.replace(params=params, ema_params=restored["ema_params"], perceptual_params=copy,
                        opt_state=restored["opt_state"] if carry else state.opt_state)
+
+
+def _init_from_folder(setup: Setup, state):
+  """The state of a fine-tuning run from a diffusers model folder's U-Net (init_from): the online params, the
+  sampling EMA and the copy all its weights (the released model, as the paper fine-tunes it), a fresh optimizer."""
+  from selfperc_jax.models import sd
+
+  folder = pretrained.folder_path(setup.config.init_from)
+  weights = sd.load_folder_params(folder)
+  place = lambda: jax.tree.map(sharding.global_array, weights, setup.state_sharding.params)  # a buffer each
+  print(f"initialised from the model folder {folder}: the online params, the sampling EMA"
+        + (" and the perceptual copy" if state.perceptual_params is not None else "")
+        + " from its unet/, a fresh optimizer state", flush=True)
+  return state.replace(params=place(), ema_params=place(),
+                       perceptual_params=None if state.perceptual_params is None else place())
 
 
 def _check_optimizer_layout(setup: Setup, src: checkpoint.Checkpointer, step: int) -> None:
@@ -246,9 +261,12 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer, init_key):
     if setup.config.init_from:
       print(f"resuming from step {latest} of {ckpt.directory}; init_from is ignored", flush=True)
     return state, latest
-  source = _open_init_source(setup) if setup.config.init_from else None
+  folder = pretrained.is_model_folder(setup.config.init_from)
+  source = _open_init_source(setup) if setup.config.init_from and not folder else None
   state = setup.init_state(init_key)
-  if source is not None:
+  if folder:
+    state = _init_from_folder(setup, state)
+  elif source is not None:
     state = _init_from(setup, state, *source)
   return state, None
 

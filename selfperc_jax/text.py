@@ -89,6 +89,11 @@ def prompts_of(config) -> tuple[str, ...]:
   return tuple(prompts)
 
 
+def no_prompts() -> ConfigError:
+  return ConfigError("condition='text' draws samples from prompts: set --config.sample.prompts='(\"a photo of a "
+                     "cat\",)' or --config.sample.prompts_file=FILE (one prompt per line).")
+
+
 def captioned(config) -> bool:
   """Whether config's data set has a caption per example (image-caption data: token ids in the batch)."""
   return DATASETS[config.data.name].captioned
@@ -143,7 +148,6 @@ def encode_for_config(config) -> Encoded:
   """The embeddings of config's empty prompt, prompts, negative prompt and data set's captions (cached per
   process)."""
   prompts = prompts_of(config)
-  if not prompts:
-    raise ConfigError("condition='text' draws samples from prompts: set --config.sample.prompts='(\"a photo of a "
-                      "cat\",)' or --config.sample.prompts_file=FILE (one prompt per line).")
+  if not prompts and not (captioned(config) and config.sample_every == 0):  # (a run without grids needs none)
+    raise no_prompts()
   return _encode(folder_of(config), prompts, str(config.sample.negative_prompt), captions_of(config))

@@ -123,11 +123,19 @@ def _check_sd(config) -> tuple[str, ...]:
   pretrained.check_folder(folder)
   _require(config.latent.vae == "sd", f"model.arch='sd' works on Stable Diffusion's latents: set latent.vae='sd' "
                                       f"(not {config.latent.vae!r}).")
-  path = pretrained.scheduler_config_path(folder)
-  lines = scheduler_config.check_config(config, scheduler_config.read_scheduler_config(path), source=path)
-  _require(not lines, "the config disagrees with the model folder's scheduler config:\n  " + "\n  ".join(lines))
-  levels = sd_convert.load_config(pretrained.unet_files(folder)[0]).num_levels
-  return sd_model.tap_names(levels)
+  _require(isinstance(config.retrain_schedule, bool), "retrain_schedule must be True or False.")
+  if not config.retrain_schedule:
+    path = pretrained.scheduler_config_path(folder)
+    lines = scheduler_config.check_config(config, scheduler_config.read_scheduler_config(path), source=path)
+    _require(not lines, "the config disagrees with the model folder's scheduler config:\n  " + "\n  ".join(lines)
+             + "\n(to fine-tune the folder's U-Net to this config's schedule instead, set retrain_schedule=True)")
+  unet = sd_convert.load_config(pretrained.unet_files(folder)[0])
+  if pretrained.is_model_folder(config.init_from):  # the fine-tuning starts from another folder's U-Net
+    start = pretrained.folder_path(config.init_from)
+    _require(sd_convert.load_config(pretrained.unet_files(start)[0]) == unet,
+             f"init_from={start!r} holds a U-Net of another layout than pretrained={folder!r}'s (unet/config.json "
+             "differs); start from a folder of the same model, or set pretrained to that folder.")
+  return sd_model.tap_names(unet.num_levels)
 
 
 def evaluates_text(config) -> bool:
@@ -284,6 +292,13 @@ def _check_finetune(config) -> None:
   _require(int(f.warmup_steps) >= 0,
            f"finetune.warmup_steps={f.warmup_steps!r} must be >= 0: steps of linear warm-up from 0 at the "
            "fine-tuning's start (0: none).")
+  if pretrained.is_model_folder(config.init_from):
+    _require(config.model.arch == "sd" and not config.model.sd_layout,
+             f"init_from={config.init_from!r} is a diffusers model folder, whose unet/ starts a Stable Diffusion "
+             "U-Net: set model.arch='sd' with model.sd_layout='' (configs/sd21_base.py).")
+    _require(f.optimizer_state == "reset",
+             f"init_from={config.init_from!r} is a model folder, which holds no optimizer state: set "
+             "--config.finetune.optimizer_state=reset.")
   _require(f.decay != "run" or (f.learning_rate == 0 and f.warmup_steps == 0),
            f"finetune.decay='run' trains with optimizer.*'s schedule over the run, so finetune.learning_rate="
            f"{f.learning_rate!r} and finetune.warmup_steps={f.warmup_steps!r} would be unused: set them to 0, or "

@@ -1,6 +1,7 @@
 """Image-caption data (data/captioned.py) through the latent encoder: img2dataset's webdataset shards and a folder
 with a captions .jsonl, SD's crop, token ids stored with the latents, bad examples counted and named, resume."""
 
+import copy
 import io
 import json
 import os
@@ -205,3 +206,34 @@ def test_a_run_on_encoded_captions_trains_both_phases_with_the_text_encoder_in_t
   losses = [float(setup.step_fn(0)(setup.init_state(jax.random.key(0)), sharding.global_batch(b, setup.mesh),
                                    key)[1]["loss"]) for b in (batch, other)]
   assert losses[0] != losses[1] and not any("text" in str(k) for k in jax.tree_util.tree_flatten_with_path(state)[0])
+
+
+def test_init_from_a_model_folder_starts_online_ema_and_copy_from_its_unet(sd_folder, tmp_path):
+  """The paper fine-tunes the released model: online params = sampling EMA = copy = the folder's U-Net, a fresh
+  Adam state; settings that cannot hold for a folder are one error line each."""
+  import jax
+
+  from selfperc_jax import checkpoint, resume
+  from selfperc_jax.models import sd
+  from selfperc_jax.setup import Setup
+
+  config = _encode_config(sd_folder, "webdataset", "", tmp_path / "latents", **{
+      "init_from": sd_folder, "finetune.optimizer_state": "reset", "perceptual.start_step": 0,
+      "perceptual.mse_weight": 0.0, "batch_size": 8})
+  setup = Setup(config, str(tmp_path / "w"), with_data=False)
+  state, restored = resume.restore_or_init(setup, checkpoint.Checkpointer(str(tmp_path / "w" / "ckpt"), 1),
+                                           jax.random.key(0))
+  assert restored is None
+  folder = sd.load_folder_params(sd_folder)
+  for tree in (state.params, state.ema_params, state.perceptual_params):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), tree, folder)
+  assert int(jax.tree.leaves(state.opt_state)[0]) == 0  # Adam's count: fresh
+
+  for overrides, words in (({"finetune.optimizer_state": "carry"}, "holds no optimizer state: set --config.finetune"
+                                                                     ".optimizer_state=reset"),
+                           ({"model.sd_layout": "tiny"}, "set model.arch='sd' with model.sd_layout=''"),
+                           ({"sample.timestep_spacing": "leading"}, "(?s)disagrees with the model folder's scheduler "
+                                                                     "config:.*retrain_schedule=True")):
+    with pytest.raises(ConfigError, match=words):
+      validation.validate(override(copy.deepcopy(config), **overrides))
+  validation.validate(override(config, **{"sample.timestep_spacing": "leading", "retrain_schedule": True}))

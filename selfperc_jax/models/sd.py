@@ -67,8 +67,15 @@ def from_config(config, dtype, attention) -> SDDenoiser:
 def load_params(config) -> dict:
   """The denoiser's params (numpy float32) from config.pretrained's unet/ weights, checked tensor by tensor."""
   from selfperc_jax import pretrained
+
+  return load_folder_params(pretrained.folder_of(config))
+
+
+def load_folder_params(folder: str) -> dict:
+  """The denoiser's params (numpy float32) from a model folder's unet/ weights, checked tensor by tensor."""
+  from selfperc_jax import pretrained
   from third_party.sd_unet import convert
 
-  config_path, weights = pretrained.unet_files(pretrained.folder_of(config))
+  config_path, weights = pretrained.unet_files(folder)
   with pretrained.one_line_mismatch(weights, "unet"):
     return {"unet": convert.load_variables(weights, config=convert.load_config(config_path))["params"]}
