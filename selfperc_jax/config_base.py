@@ -38,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.condition = "class"
   # A Stable Diffusion model folder in diffusers' layout (unet/, text_encoder/, tokenizer/, vae/, scheduler/;
   # selfperc_jax/pretrained.py), for model.arch='sd': its U-Net, text encoder and VAE; its scheduler_config.json must
-  # agree with diffusion.* and sample.* (checked at start), unless retrain_schedule.
+  # agree with diffusion.* and sample.* (checked at start), unless retrain_schedule. A training run of its U-Net
+  # (model.sd_layout='') without init_from starts from its unet/ (the folder is the model it fine-tunes).
   config.pretrained = ""
   # True: fine-tune the folder's U-Net to this config's diffusion.* and sample.* instead of its scheduler_config.json's
   # (not checked then): the paper's switch of SD 2.1-base's epsilon model to v-prediction with zero terminal SNR.

@@ -40,6 +40,22 @@ def folder_path(path: str) -> str:
   return os.path.abspath(os.path.expanduser(str(path)))
 
 
+def start_folder(config) -> str:
+  """The model folder whose unet/ starts a training run from scratch (no checkpoint): init_from where it names one,
+  else config.pretrained for a Stable Diffusion U-Net read from it (model.arch='sd', model.sd_layout='') without
+  init_from (the folder is the model that the run fine-tunes, as it is the model that --mode=sample draws from);
+  '' where the run starts otherwise (random init, or another run's checkpoint)."""
+  from selfperc_jax import config_tree
+
+  get = lambda key, default: config_tree.lookup(config, key) or default  # (configs from before these keys)
+  init_from = str(get("init_from", ""))
+  if init_from:
+    return folder_path(init_from) if is_model_folder(init_from) else ""
+  if get("model.arch", "adm") == "sd" and not get("model.sd_layout", "") and get("pretrained", ""):
+    return folder_of(config)
+  return ""
+
+
 def is_model_folder(path: str) -> bool:
   """Whether `path` (e.g. init_from) is a diffusers model folder: one with unet/config.json (not a workdir)."""
   return bool(path) and os.path.isfile(os.path.join(folder_path(path), "unet", "config.json"))

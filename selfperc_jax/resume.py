@@ -107,11 +107,11 @@ def _init_from(setup: Setup, state, src: checkpoint.Checkpointer, step: int):
 
 
 def _init_from_folder(setup: Setup, state):
-  """The state of a fine-tuning run from a diffusers model folder's U-Net (init_from): the online params, the
+  """The state of a fine-tuning run from a diffusers model folder's U-Net (pretrained.start_folder): the online params, the
   sampling EMA and the copy all its weights (the released model, as the paper fine-tunes it), a fresh optimizer."""
   from selfperc_jax.models import sd
 
-  folder = pretrained.folder_path(setup.config.init_from)
+  folder = pretrained.start_folder(setup.config)
   weights = sd.load_folder_params(folder)
   place = lambda: jax.tree.map(sharding.global_array, weights, setup.state_sharding.params)  # a buffer each
   print(f"initialised from the model folder {folder}: the online params, the sampling EMA"
@@ -261,7 +261,7 @@ def restore_or_init(setup: Setup, ckpt: checkpoint.Checkpointer, init_key):
     if setup.config.init_from:
       print(f"resuming from step {latest} of {ckpt.directory}; init_from is ignored", flush=True)
     return state, latest
-  folder = pretrained.is_model_folder(setup.config.init_from)
+  folder = pretrained.start_folder(setup.config)
   source = _open_init_source(setup) if setup.config.init_from and not folder else None
   state = setup.init_state(init_key)
   if folder:

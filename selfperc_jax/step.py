@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from selfperc_jax import conditioning, diffusion, losses
+from selfperc_jax import conditioning, diffusion, losses, pretrained
 
 
 @flax.struct.dataclass
@@ -40,8 +40,9 @@ def perceptual_phase(config, step: int) -> bool:
 def fine_tuning_start(config) -> int | None:
   """The 0-based step where the run's fine-tuning (finetune.*) begins: 0 for a run with init_from (all of it is
   fine-tuning), perceptual.start_step for a run that pre-trains with MSE and trains the self-perceptual term from
-  that step on (start_step > 0), None for a run without fine-tuning (from scratch, with no such switch)."""
-  if config.init_from:
+  that step on (start_step > 0), None for a run without fine-tuning (from scratch, with no such switch). A run from
+  a model folder's U-Net (pretrained.start_folder) is fine-tuning throughout, as one with init_from."""
+  if config.init_from or pretrained.start_folder(config):
     return 0
   if has_perceptual(config) and int(config.perceptual.start_step) > 0:
     return int(config.perceptual.start_step)

@@ -296,9 +296,10 @@ def _check_finetune(config) -> None:
     _require(config.model.arch == "sd" and not config.model.sd_layout,
              f"init_from={config.init_from!r} is a diffusers model folder, whose unet/ starts a Stable Diffusion "
              "U-Net: set model.arch='sd' with model.sd_layout='' (configs/sd21_base.py).")
-    _require(f.optimizer_state == "reset",
-             f"init_from={config.init_from!r} is a model folder, which holds no optimizer state: set "
-             "--config.finetune.optimizer_state=reset.")
+  folder = pretrained.start_folder(config)
+  _require(not folder or f.optimizer_state == "reset",
+           f"the run starts from the model folder {folder}'s unet/, and a model folder holds no optimizer state: set "
+           "--config.finetune.optimizer_state=reset.")
   _require(f.decay != "run" or (f.learning_rate == 0 and f.warmup_steps == 0),
            f"finetune.decay='run' trains with optimizer.*'s schedule over the run, so finetune.learning_rate="
            f"{f.learning_rate!r} and finetune.warmup_steps={f.warmup_steps!r} would be unused: set them to 0, or "
@@ -381,7 +382,8 @@ def validate(config) -> None:
            f"perceptual.weight={p.weight} and perceptual.mse_weight={p.mse_weight} must be >= 0.")
   _require(int(p.start_step) >= 0 and int(p.ramp_steps) >= 0,
            "perceptual.start_step and perceptual.ramp_steps must be >= 0.")
-  _require(not (p.weight > 0 and p.mse_weight == 0 and p.start_step == 0 and not config.init_from),
+  _require(not (p.weight > 0 and p.mse_weight == 0 and p.start_step == 0 and not config.init_from
+               and not pretrained.start_folder(config)),
            "perceptual.mse_weight=0 with perceptual.start_step=0 and no init_from trains against the features of a "
            "random network. Pre-train first (perceptual.start_step > 0), start from a trained model "
            "(--config.init_from=<workdir>), or keep the MSE term (perceptual.mse_weight > 0).")

@@ -236,4 +236,9 @@ def test_init_from_a_model_folder_starts_online_ema_and_copy_from_its_unet(sd_fo
                                                                      "config:.*retrain_schedule=True")):
     with pytest.raises(ConfigError, match=words):
       validation.validate(override(copy.deepcopy(config), **overrides))
-  validation.validate(override(config, **{"sample.timestep_spacing": "leading", "retrain_schedule": True}))
+  validation.validate(override(copy.deepcopy(config), **{"sample.timestep_spacing": "leading",
+                                                         "retrain_schedule": True}))
+  # Without init_from, the model folder itself (pretrained) is where a run of its U-Net starts.
+  from selfperc_jax import pretrained
+  assert pretrained.start_folder(override(copy.deepcopy(config), init_from="")) == sd_folder
+  assert pretrained.start_folder(override(copy.deepcopy(config), **{"init_from": "", "model.sd_layout": "tiny"})) == ""

@@ -44,8 +44,9 @@ def test_the_stabilityai_variant_agrees_with_sd21_bases_own_scheduler_config(arg
 
 
 def test_sd21_rejects_unknown_arguments():
-  with pytest.raises(ValueError, match="unknown argument"):
-    load_config("sd21_base", "huge")
+  for arg in ("huge", "tpu,gpu"):
+    with pytest.raises(ValueError, match="bad argument.*use 'tpu' \\(default\\) or 'gpu'"):
+      load_config("sd21_base", arg)
 
 
 def test_a_missing_or_incomplete_folder_is_one_error_naming_what_is_missing(sd_folder, tmp_path):
@@ -85,7 +86,7 @@ def test_text_settings_are_checked_where_they_do_not_fit(sd_folder, tmp_path):
   with pytest.raises(ConfigError, match="sample.prompts_file=.* is not a file"):
     validation.validate(_config(sd_folder, **{"sample.prompts_file": str(tmp_path / "none.txt")}))
   with pytest.raises(ConfigError, match="model.arch='sd' is text-conditioned"):
-    validation.validate(_config(sd_folder, condition="class"))
+    validation.validate(_config(sd_folder, condition="class", **{"data.name": "none"}))
   with pytest.raises(ConfigError, match="model.arch='nope' is not known"):
     validation.validate(_config(sd_folder, **{"model.arch": "nope"}))
 
@@ -178,8 +179,10 @@ def test_prompts_come_from_a_file_and_too_long_ones_are_one_error(sd_folder, tmp
   long = _config(sd_folder, **{"sample.prompts": ("a cat", "word " * 80)})
   with pytest.raises(ConfigError, match=r"sample.prompts\[1\] is longer than the text encoder's 75 tokens"):
     conditioning.from_config(long)
-  with pytest.raises(ConfigError, match="set --config.sample.prompts="):
-    conditioning.from_config(_config(sd_folder, **{"sample.prompts": ()}))
+  with pytest.raises(ConfigError, match="set --config.sample.prompts="):  # a draw needs prompts (training does not)
+    conditioning.from_config(_config(sd_folder, **{"sample.prompts": ()})).draw(4)
+  with pytest.raises(ConfigError, match="set --config.sample.prompts="):  # nor do grids while training
+    conditioning.from_config(_config(sd_folder, **{"sample.prompts": (), "sample_every": 10}))
 
 
 def test_training_and_evaluation_of_a_text_config_are_refused_with_nothing_written(sd_folder, tmp_path):
@@ -187,7 +190,10 @@ def test_training_and_evaluation_of_a_text_config_are_refused_with_nothing_writt
 
   workdir = tmp_path / "w"
   with pytest.raises(ConfigError, match="data.name='none' has no images to train on"):
-    train.train_and_evaluate(_config(sd_folder), str(workdir))
+    train.train_and_evaluate(_config(sd_folder, **{"data.name": "none"}), str(workdir))
+  with pytest.raises(ConfigError, match="latent.dir is empty: set it to the folder of the encoded latents, made once "
+                                        "with\n  python -m selfperc_jax.encode_latents"):
+    train.train_and_evaluate(_config(sd_folder), str(workdir))  # image-caption data, not encoded yet
   assert not os.path.exists(workdir / "checkpoints")
   with pytest.raises(ConfigError, match="--mode=eval of a text-to-image model"):
     modes.evaluate_checkpoint(_config(sd_folder), str(tmp_path / "e"))
