@@ -175,21 +175,28 @@ def test_encoding_stores_the_token_ids_skips_bad_examples_with_a_summary_and_res
 
 
 @pytest.mark.slow
-def test_a_run_on_encoded_captions_trains_both_phases_with_the_text_encoder_in_the_step(sd_folder, tmp_path):
+def test_a_run_on_encoded_captions_trains_both_phases_resumes_and_runs_on_two_processes(sd_folder, tmp_path):
   """Encoded webdataset -> MSE then self-perceptual steps, the condition the frozen text encoder's hidden states of
-  each example's caption, computed in the step (equal to the host's encoding), never trained or checkpointed."""
+  each example's caption, computed in the step (equal to the host's encoding), never trained or checkpointed; a run
+  stopped at step 2 and resumed is the uninterrupted run, and so is the run of 2 processes x 4 devices."""
   import jax
 
+  from conftest import start_two_processes
   from selfperc_jax import conditioning, sharding, train
   from selfperc_jax.setup import Setup
 
   examples = {**_examples(), **{f"1{i:08d}": (_image(20 + i, 16, 10 + i)[1], f"picture number {i}") for i in range(9)}}
   data = write_webdataset(tmp_path / "wds", examples)
-  config = _encode_config(sd_folder, "webdataset", data, tmp_path / "latents", **{
-      "total_steps": 4, "perceptual.start_step": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 4,
-      "optimizer.warmup_steps": 1, "loss.label_dropout": 0.0, "sample.prompts": ("a red cube",),
-      "model.sd_layout": "tiny"})  # a one-level U-Net from scratch; the folder's text encoder and VAE
+  values = {"pretrained": sd_folder, "data.name": "webdataset", "data.dir": data, "latent.dir": str(tmp_path / "lat"),
+            "latent.shard_size": 3, "latent.encode_batch_size": 4, "total_steps": 4, "perceptual.start_step": 2,
+            "batch_size": 8, "log_every": 1, "checkpoint_every": 4, "optimizer.warmup_steps": 1,
+            "loss.label_dropout": 0.0, "sample.prompts": ("a red cube",),
+            "model.sd_layout": "tiny"}  # a one-level U-Net from scratch; the folder's text encoder and VAE
+  config = override(load_config("sd21_base", "tiny"), **values)
   encode_latents.run(config)
+  procs = start_two_processes("selfperc_jax.main", ["--config=configs/sd21_base.py:tiny", f"--workdir={tmp_path / 'two'}"]
+                              + [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+                                 for k, v in values.items()])
   cond = conditioning.from_config(config)
   frozen = conditioning.frozen_params(config)
   tokens = space.open_latents(config)[1]["tokens"][None]
@@ -198,6 +205,16 @@ def test_a_run_on_encoded_captions_trains_both_phases_with_the_text_encoder_in_t
 
   final = train.train_and_evaluate(config, str(tmp_path / "w"))
   assert final["step"] == 4 and final["loss_perceptual"] > 0 and np.isfinite(final["loss"])
+  train.train_and_evaluate(config, str(tmp_path / "r"), num_steps=2)  # stopped at step 2 (as if killed)
+  train.train_and_evaluate(config, str(tmp_path / "r"))
+  outputs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  rows = lambda w: [json.loads(line) for line in open(tmp_path / w / "metrics.jsonl")]
+  for other in ("r", "two"):
+    assert [r["step"] for r in rows(other)] == [r["step"] for r in rows("w")] == [1, 2, 3, 4]
+    for x, y in zip(rows("w"), rows(other)):
+      assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), other
   # The caption reaches the loss: the same state and noise, other captions, another loss.
   setup = Setup(config, with_data=True)
   state, key = setup.init_state(jax.random.key(0)), jax.random.key(1)
