@@ -21,7 +21,10 @@ figures before that date), 'uncond' (unconditional: no class input, label dropou
 class-balanced), 'text' (captions instead of classes: each training digit is given one of five captions of its class,
 "a handwritten seven", "the number 7", ..., through a small Stable Diffusion U-Net (models/sd.py, 'small') and the
 built-in text encoder (text.py); grids and evaluation prompt "a handwritten <digit>", so the digits classifier's
-class accuracy is the share of samples that show the asked digit; 1350 MSE + 250 self-perceptual steps at batch 64);
+class accuracy is the share of samples that show the asked digit; 1350 MSE + 250 self-perceptual steps at batch 64),
+'study' (issue 25's study, docs/results.md "The study": 'small' over training seeds 0, 1, 2 with the MSE and
+self-perceptual branches, the latter also with the 'rewarm' and 'gentle' fine-tuning recipes, unguided; with
+'uncond' the unconditional study; each runs in about 35 minutes with python -m selfperc_jax.experiments);
 they combine with commas, e.g. 'tiny,mse'. The paper's whole comparison (MSE, MSE + guidance,
 self-perceptual, from one pre-training) is one command:
 
