@@ -119,7 +119,8 @@ def markdown(rows: list[dict], topologies: list[dict]) -> str:
   lines += ["", f"Per topology, the state split over every chip (FSDP), 90 % of a chip's memory usable; a "
                 f"{STEPS:,}-step fine-tuning at a global batch of {GLOBAL_BATCH} at an **assumed** MFU of "
                 f"{ASSUMED_MFU:.0%} (not measured):", "",
-            "| topology | chips | memory per chip (GiB) | state per chip | fixed per chip (state + text encoder) | "
+            "| topology | chips | memory per chip (GiB) | state per chip | fixed per chip (state, text encoder, temporaries at "
+            "batch 0) | "
             "largest per-chip batch | per-chip batch needed | chip-hours |", "|---|---|---|---|---|---|---|---|"]
   for t in topologies:
     hours = "" if t["chip_hours"] is None else f"{t['chip_hours']:,.0f}"
