@@ -14,7 +14,8 @@ A condition `y` is what the model takes beside x and t, one per example:
   caption's token ids (int32 (B, L) labels), which the frozen text encoder (`text_model`, its params an argument
   of the step, never trained or checkpointed) turns into embeddings in the step. A draw is a prompt index per sample
   (sample.prompts, each repeated alike: one grid row per prompt); `model_inputs` turns the indices of a chunk into
-  their embeddings on the host, so a draw of any size holds one row per prompt. Guidance's unconditional input is the
+  their embeddings on the host (encoding that chunk's prompts then), so no host holds a table of every prompt.
+  Guidance's unconditional input is the
   negative prompt's embedding where sample.negative_prompt is set (`guidance_null`), as in diffusers' pipelines.
 - 'none': every y is 0 and the U-Net has no class embedding, so y reaches nothing; there is no null condition, no
   label dropout and no guidance (validation refuses settings that need them). Draws are unlabelled: y = 0 for all.
@@ -35,10 +36,13 @@ KINDS = ("class", "text", "none")
 class Conditioning:
   kind: str = "class"
   num_classes: int = 10  # the data set's ('class')
-  # 'text': the empty prompt's (L, D) embedding, the prompts' (P, L, D) of a draw, the negative prompt's (L, D) or None,
-  # the data set's captions (classes x K, L, D: K per class, class-major) or None.
+  # 'text': the empty prompt's (L, D) embedding, the prompts' (P, L, D) of a draw (or, for prompts encoded a chunk at
+  # a time, prompt_encoder: indices -> their (n, L, D) embeddings, and num_prompts), the negative prompt's (L, D) or
+  # None, the data set's captions (classes x K, L, D: K per class, class-major) or None.
   null_embedding: np.ndarray | None = None
   prompt_embeddings: np.ndarray | None = None
+  prompt_encoder: object | None = None
+  num_prompts: int = 0
   negative_embedding: np.ndarray | None = None
   caption_embeddings: np.ndarray | None = None
   captions_per_class: int = 0
@@ -134,18 +138,26 @@ class Conditioning:
     if not self.conditional:
       return np.zeros(int(num_samples), np.int32)
     if self.kind == "text":
-      if not len(self.prompt_embeddings):
+      if not self.prompt_count:
         from selfperc_jax import text
 
         raise text.no_prompts()
-      return class_labels(int(num_samples), len(self.prompt_embeddings))
+      return class_labels(int(num_samples), self.prompt_count)
     return class_labels(int(num_samples), self.num_classes, classes)
+
+  @property
+  def prompt_count(self) -> int:
+    return len(self.prompt_embeddings) if self.prompt_embeddings is not None else int(self.num_prompts)
 
   def model_inputs(self, drawn: np.ndarray) -> np.ndarray:
     """What the model takes for the conditions of a draw (on the host, a chunk at a time): the drawn labels
-    themselves, or for 'text' the embeddings of the drawn prompt indices."""
+    themselves, or for 'text' the embeddings of the drawn prompt indices (each distinct prompt encoded once)."""
     if self.kind == "text":
-      return self.prompt_embeddings[np.asarray(drawn)]
+      drawn = np.asarray(drawn)
+      if self.prompt_embeddings is not None:
+        return self.prompt_embeddings[drawn]
+      unique, inverse = np.unique(drawn, return_inverse=True)
+      return self.prompt_encoder(unique)[inverse.reshape(drawn.shape)]
     return np.asarray(drawn, np.int32)
 
 
@@ -172,9 +184,10 @@ def from_config(config) -> Conditioning:
   if text.captioned(config):  # the batch holds token ids: the encoder runs in the step
     encoder = text.encoder(text.folder_of(config))
     in_step = {"text_model": encoder.model, "text_tokens": int(encoder.tokenizer.max_length)}
-  return Conditioning(kind="text", num_classes=0, null_embedding=encoded.null, prompt_embeddings=encoded.prompts,
-                      negative_embedding=encoded.negative, caption_embeddings=encoded.captions,
-                      captions_per_class=per_class, **in_step)
+  return Conditioning(kind="text", num_classes=0, null_embedding=encoded.null,
+                      prompt_encoder=text.prompt_encoder(text.folder_of(config), encoded.prompts),
+                      num_prompts=len(encoded.prompts), negative_embedding=encoded.negative,
+                      caption_embeddings=encoded.captions, captions_per_class=per_class, **in_step)
 
 
 def frozen_params(config):

@@ -63,15 +63,22 @@ class TextEncoder:
                           f"ids less BOS and EOS): shorten it ({prompt[:60]!r}...).")
 
   def encode(self, prompts) -> np.ndarray:
+    """(N, L, D) float32, ENCODE_BATCH prompts per call (the last call padded): one compiled program for any N, and
+    a prompt's embedding does not depend on which prompts it was encoded with."""
     ids = self.tokenizer.encode(list(prompts))
-    out = [np.asarray(self._apply(self.variables, ids[i:i + ENCODE_BATCH])) for i in range(0, len(ids), ENCODE_BATCH)]
-    return np.concatenate(out).astype(np.float32)
+    out = []
+    for i in range(0, len(ids), ENCODE_BATCH):
+      part = ids[i:i + ENCODE_BATCH]
+      padded = np.concatenate([part, np.repeat(part[-1:], ENCODE_BATCH - len(part), axis=0)])
+      out.append(np.asarray(self._apply(self.variables, padded))[:len(part)])
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.tokenizer.max_length,
+                                                                         self.hidden_size), np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
   null: np.ndarray  # (L, D): the empty prompt
-  prompts: np.ndarray  # (P, L, D)
+  prompts: tuple[str, ...]  # not encoded here: a draw encodes the prompts of each chunk (prompt_encoder)
   negative: np.ndarray | None  # (L, D), or None without a negative prompt
   captions: np.ndarray | None  # (classes x K, L, D): the data set's K captions of each class, or None
 
@@ -138,15 +145,23 @@ def _encode(folder: str, prompts: tuple[str, ...], negative: str, captions: tupl
   flat = tuple(c for per_class in captions for c in per_class)
   if captions and len({len(c) for c in captions}) != 1:
     raise ValueError("every class needs as many captions")
-  rows = enc.encode(("",) + prompts + ((negative,) if negative else ()) + flat)
-  p = 1 + len(prompts)
-  return Encoded(null=rows[0], prompts=rows[1:p], negative=rows[p] if negative else None,
+  rows = enc.encode(("",) + ((negative,) if negative else ()) + flat)
+  return Encoded(null=rows[0], prompts=prompts, negative=rows[1] if negative else None,
                  captions=rows[len(rows) - len(flat):] if flat else None)
 
 
+def prompt_encoder(folder: str, prompts: tuple[str, ...]):
+  """indices -> (n, L, D): the embeddings of those prompts, encoded when asked (a chunk of a draw at a time), so that
+  no host holds a table that grows with the number of prompts (30,000 COCO captions would be 9.5 GB at SD's size)."""
+  def encode(indices) -> np.ndarray:
+    return encoder(folder).encode([prompts[int(i)] for i in indices])
+
+  return encode
+
+
 def encode_for_config(config) -> Encoded:
-  """The embeddings of config's empty prompt, prompts, negative prompt and data set's captions (cached per
-  process)."""
+  """The embeddings of config's empty prompt, negative prompt and data set's captions, and its prompts (checked to
+  fit the context; encoded by a draw, prompt_encoder), cached per process."""
   prompts = prompts_of(config)
   if not prompts and not (captioned(config) and config.sample_every == 0):  # (a run without grids needs none)
     raise no_prompts()

@@ -60,7 +60,7 @@ def test_sampling_from_prompts_equals_diffusers_pipeline(sd_folder, reference, c
   cond = setup.conditioning
   # The text encoder's hidden states of the prompts, and guidance's unconditional input: the empty prompt's, or the
   # negative prompt's (diffusers' negative_prompt_embeds).
-  _close(cond.prompt_embeddings, reference[f"{case}/prompt_embeds"])
+  _close(cond.model_inputs(np.arange(cond.prompt_count)), reference[f"{case}/prompt_embeds"])
   if f"{case}/negative_prompt_embeds" in reference:
     _close(np.broadcast_to(cond.guidance_null, (2,) + cond.guidance_null.shape),
            reference[f"{case}/negative_prompt_embeds"])

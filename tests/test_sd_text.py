@@ -175,7 +175,10 @@ def test_prompts_come_from_a_file_and_too_long_ones_are_one_error(sd_folder, tmp
   text._encode.cache_clear()
   config = _config(sd_folder, **{"sample.prompts": (), "sample.prompts_file": str(prompts)})
   assert text.prompts_of(config) == ("a small house", "the sea at night")
-  assert conditioning.from_config(config).prompt_embeddings.shape == (2, 77, 32)
+  cond = conditioning.from_config(config)
+  assert cond.prompt_count == 2 and cond.model_inputs(np.array([1, 0, 1])).shape == (3, 77, 32)
+  # Encoded a chunk at a time: a prompt's embedding is the same whichever prompts share its chunk.
+  np.testing.assert_array_equal(cond.model_inputs(np.array([1, 0, 1]))[0], cond.model_inputs(np.array([1]))[0])
   long = _config(sd_folder, **{"sample.prompts": ("a cat", "word " * 80)})
   with pytest.raises(ConfigError, match=r"sample.prompts\[1\] is longer than the text encoder's 75 tokens"):
     conditioning.from_config(long)
