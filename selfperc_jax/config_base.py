@@ -216,9 +216,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.batch_size = 512
   config.sample.seed = 0  # the grids' noise: the same at every step, so that grids compare
   config.sample.classes = ()  # the classes of the training-time grids (empty: all)
-  # condition='text': the prompts of a draw, each drawn alike (one grid row per prompt), from sample.prompts then
-  # the lines of sample.prompts_file; guidance's unconditional input is sample.negative_prompt's embedding, or the
-  # empty prompt's where it is ''.
+  # condition='text': the prompts of a draw, each drawn alike (one grid row per prompt; fewer samples than prompts:
+  # one each of prompts spread evenly over them), from sample.prompts then the lines of sample.prompts_file (or a
+  # COCO captions .json: one caption per image); guidance's unconditional input is sample.negative_prompt's
+  # embedding, or the empty prompt's where it is ''.
   config.sample.prompts = ()
   config.sample.prompts_file = ""
   config.sample.negative_prompt = ""

@@ -84,11 +84,15 @@ class Encoded:
 
 
 def prompts_of(config) -> tuple[str, ...]:
-  """sample.prompts, then the lines of sample.prompts_file (blank lines skipped), in order; neither given: the first
-  caption of each class of a captioned data set (the digits: "a handwritten zero", ...), so that prompt i asks for
-  class i."""
+  """sample.prompts, then those of sample.prompts_file (its lines, blank ones skipped; or, for a COCO captions file
+  ending in .json, one caption per image: data/coco.py), in order; neither given: the first caption of each class
+  of a captioned data set (the digits: "a handwritten zero", ...), so that prompt i asks for class i."""
   prompts = [str(p) for p in config.sample.prompts]
-  if config.sample.prompts_file:
+  if config.sample.prompts_file and config.sample.prompts_file.endswith(".json"):
+    from selfperc_jax.data import coco
+
+    prompts += [caption for _, _, caption in coco.read_captions(config.sample.prompts_file)]
+  elif config.sample.prompts_file:
     with open(os.path.expanduser(config.sample.prompts_file), encoding="utf-8") as f:
       prompts += [line.strip() for line in f if line.strip()]
   if not prompts:

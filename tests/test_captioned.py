@@ -259,3 +259,27 @@ def test_init_from_a_model_folder_starts_online_ema_and_copy_from_its_unet(sd_fo
   from selfperc_jax import pretrained
   assert pretrained.start_folder(override(copy.deepcopy(config), init_from="")) == sd_folder
   assert pretrained.start_folder(override(copy.deepcopy(config), **{"init_from": "", "model.sd_layout": "tiny"})) == ""
+
+
+def test_a_coco_captions_file_gives_one_caption_per_image_and_bad_files_one_error(sd_folder, tmp_path):
+  """COCO's captions json as sample.prompts_file: the lowest-id caption of each image, images by id; a draw of
+  fewer samples than prompts takes prompts spread evenly over them."""
+  from selfperc_jax import conditioning
+  from selfperc_jax.data import coco
+
+  data = {"images": [{"id": 9, "file_name": "b.jpg"}, {"id": 3, "file_name": "a.jpg"}, {"id": 5, "file_name": "c.jpg"}],
+          "annotations": [{"image_id": 9, "id": 20, "caption": "a dog  on a\\nbeach "},
+                          {"image_id": 9, "id": 11, "caption": "A dog running."},
+                          {"image_id": 3, "id": 30, "caption": "Two cats."},
+                          {"image_id": 5, "id": 7, "caption": "   "}]}  # image 5 has no caption: not a prompt
+  path = tmp_path / "captions_val2014.json"
+  path.write_text(json.dumps(data))
+  assert coco.read_captions(str(path)) == [(3, "a.jpg", "Two cats."), (9, "b.jpg", "A dog running.")]
+  config = override(load_config("sd21_base", "tiny"), **{"pretrained": sd_folder, "sample.prompts_file": str(path)})
+  assert text.prompts_of(config) == ("Two cats.", "A dog running.")
+  cond = conditioning.from_config(config)
+  np.testing.assert_array_equal(cond.draw(1), [0])
+  np.testing.assert_array_equal(cond.draw(4), [0, 0, 1, 1])
+  (tmp_path / "bad.json").write_text('{"images": []}')
+  with pytest.raises(ConfigError, match="bad.json is not a COCO captions file \\(KeyError"):
+    coco.read_captions(str(tmp_path / "bad.json"))
