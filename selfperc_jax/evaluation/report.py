@@ -220,8 +220,11 @@ def _panel(draw: ImageDraw.ImageDraw, box, series: dict, y_label: str, x_label: 
     draw.text((left + 10, top + 10), f"{y_label}: no values", fill=(0, 0, 0))
     return
   xs = [p[0] for p in points]
-  xt, yt = _ticks(min(xs), max(xs)), _ticks(min(y - h for _, y, h in points), max(y + h for _, y, h in points))
-  x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
+  yt = _ticks(min(y - h for _, y, h in points), max(y + h for _, y, h in points))
+  single = min(xs) == max(xs)  # one guidance scale: its tick in the middle, the series side by side around it
+  xt = [xs[0]] if single else _ticks(min(xs), max(xs))
+  x0, x1 = (xs[0] - 1, xs[0] + 1) if single else (xt[0], xt[-1])
+  y0, y1 = yt[0], yt[-1]
   px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
   py = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)
   draw.rectangle(box, outline=(0, 0, 0))
@@ -237,7 +240,7 @@ def _panel(draw: ImageDraw.ImageDraw, box, series: dict, y_label: str, x_label: 
   bars = any(h > 0 for _, _, h in points)
   for i, (name, pts) in enumerate(series.items()):
     colour = _COLOURS[i % len(_COLOURS)]
-    shift = 5 * (i - (len(series) - 1) / 2) if bars else 0.0
+    shift = (25 if single else 5 if bars else 0.0) * (i - (len(series) - 1) / 2)
     for x, y, h in pts:
       if h > 0:
         draw.line([(px(x) + shift, py(y - h)), (px(x) + shift, py(y + h))], fill=colour, width=1)
