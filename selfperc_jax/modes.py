@@ -53,16 +53,18 @@ def _all_finite(tree):
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-  """Scores the workdir's latest checkpoint; the metrics go to workdir/eval/step_<STEP>.json under the setting
-  (returned on process 0)."""
+  """Scores the workdir's latest checkpoint (a Stable Diffusion config without one: its model folder's weights, as
+  step 'pretrained'); the metrics go to workdir/eval/step_<STEP>.json under the setting (returned on process 0)."""
   from selfperc_jax import validation
 
   if config.condition == "text" and not validation.evaluates_text(config):
-    raise ConfigError("--mode=eval of a text-to-image model is built for a data set's captions, one prompt per class "
-                      "(the digits, with sample.prompts and sample.prompts_file empty); FID over a prompt set is not "
-                      "built yet: draw samples with --mode=sample.")
+    raise ConfigError("--mode=eval of a text-to-image model scores its samples from sample.prompts / prompts_file "
+                      "(e.g. --config.sample.prompts_file=captions_val2014.json) against --config.eval.reference "
+                      "(real images' statistics: python -m selfperc_jax.evaluation.reference_stats) with "
+                      "--config.eval.features=inception and eval.inception_weights; or, on the captioned digits, "
+                      "one prompt per class.")
   setup = Setup(config, workdir, with_data=False)
-  latest, params = latest_sampling_params(setup)
+  latest, params = latest_sampling_params(setup, pretrained_fallback=True)  # SD: the folder's own weights
   return setup.evaluator()(params, latest)
 
 

@@ -139,8 +139,12 @@ def _check_sd(config) -> tuple[str, ...]:
 
 
 def evaluates_text(config) -> bool:
-  """Whether a text-conditioned config can be evaluated: its data set has captions per class and its prompts are
-  their first ones (no sample.prompts or prompts_file), so that prompt i asks for class i."""
+  """Whether a text-conditioned config can be evaluated: against eval.reference (e.g. COCO images' statistics) with
+  the FID Inception network, the samples drawn from its prompts (sample.prompts / prompts_file, e.g. COCO captions);
+  or, without a reference, on a data set with captions per class whose prompts are their first ones (no
+  sample.prompts or prompts_file), so that prompt i asks for class i and the digits classifier can read it."""
+  if config.eval.reference and config.eval.features == "inception":
+    return True
   return bool(DATASETS[config.data.name].captions) and not config.sample.prompts and not config.sample.prompts_file
 
 
@@ -159,9 +163,10 @@ def _check_condition(config) -> None:
              f"sample.prompts_file={s.prompts_file!r} is not a file (one prompt per line).")
     _require(isinstance(s.negative_prompt, str), "sample.negative_prompt must be a string ('' for none).")
     _require(config.eval_every == 0 or evaluates_text(config),
-             "condition='text' is evaluated on a data set's captions, one prompt per class (the digits), with "
-             "sample.prompts and sample.prompts_file empty; other text-to-image evaluation is not built yet: set "
-             "eval_every=0 and draw samples with --mode=sample.")
+             "condition='text' is evaluated against eval.reference (e.g. COCO images' statistics from python -m "
+             "selfperc_jax.evaluation.reference_stats) with eval.features='inception', or on a data set's captions, "
+             "one prompt per class (the digits, with sample.prompts and sample.prompts_file empty): set those, or "
+             "eval_every=0.")
     return
   _require(not config.sample.prompts and not config.sample.prompts_file and not config.sample.negative_prompt,
            f"sample.prompts / prompts_file / negative_prompt are for condition='text'; this config's condition is "

@@ -283,3 +283,28 @@ def test_a_coco_captions_file_gives_one_caption_per_image_and_bad_files_one_erro
   (tmp_path / "bad.json").write_text('{"images": []}')
   with pytest.raises(ConfigError, match="bad.json is not a COCO captions file \\(KeyError"):
     coco.read_captions(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.slow
+def test_eval_mode_scores_samples_from_coco_prompts_against_a_reference_and_records_the_prompts(sd_folder, tmp_path):
+  """--mode=eval of a text-to-image model: the folder's own weights (no checkpoint yet), samples drawn from a COCO
+  captions file in chunks, FID / IS with the Inception network against a reference, each sample's prompt written."""
+  from conftest import random_inception_weights
+  from selfperc_jax import modes
+
+  captions = tmp_path / "captions_val2014.json"
+  captions.write_text(json.dumps({"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(5)],
+                                  "annotations": [{"image_id": i, "id": i, "caption": f"picture {i}"}
+                                                  for i in range(5)]}))
+  weights, reference = tmp_path / "inception.npz", tmp_path / "ref.npz"
+  random_inception_weights(weights)
+  np.savez(reference, np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+  config = override(load_config("sd21_base", "tiny"), **{
+      "pretrained": sd_folder, "sample.prompts_file": str(captions), "sample.batch_size": 8, "sample.steps": 2,
+      "eval.features": "inception", "eval.inception_weights": str(weights), "eval.reference": str(reference),
+      "eval.num_samples": 8})
+  result = modes.evaluate_checkpoint(config, str(tmp_path / "w"))
+  assert result["step"] == "pretrained" and np.isfinite(result["fid"]) and result["num_samples"] == 10
+  assert result["prompts_given"] == result["prompts_drawn"] == 5  # 8 rounded up to 2 per prompt
+  lines = open(result["prompts"]).read().splitlines()
+  assert lines == [f"picture {i}" for i in range(5) for _ in range(2)]

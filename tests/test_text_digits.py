@@ -52,7 +52,7 @@ def test_digits_text_prompts_are_the_first_caption_of_each_class_and_it_evaluate
   cond = conditioning.from_config(config)
   assert cond.caption_embeddings.shape == (10 * len(digits.CAPTIONS[0]), 77, text.BUILTIN_WIDTH)
   np.testing.assert_array_equal(cond.draw(20), np.repeat(np.arange(10), 2))  # prompt i is class i
-  with pytest.raises(ConfigError, match="evaluated on a data set's captions"):
+  with pytest.raises(ConfigError, match="is evaluated against eval.reference .*, or on a data set's captions"):
     validation.validate(override(load_config("digits", "text"), eval_every=500, **{"sample.prompts": ("a cat",)}))
   with pytest.raises(ValueError, match="different conditions"):
     load_config("digits", "text,uncond")

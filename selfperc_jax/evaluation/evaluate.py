@@ -246,6 +246,14 @@ class Evaluator:
     s = cfg.sample
     result.update(step=step, sampler=s.sampler, sample_steps=s.steps, guidance_scale=s.guidance_scale,
                   guidance_rescale=s.guidance_rescale, features=cfg.eval.features)
+    if cfg.condition == "text":  # the prompts the samples were drawn from: each sample's, one per line, beside
+      from selfperc_jax import text
+
+      prompts = text.prompts_of(cfg)
+      prompts_path = fileio.join(self.eval_dir, f"prompts_{setting}.txt")
+      fileio.write_text(prompts_path, "".join(prompts[int(i)] + "\n" for i in labels))
+      result.update(prompts=prompts_path, prompts_file=str(cfg.sample.prompts_file), prompts_given=len(prompts),
+                    prompts_drawn=len({int(i) for i in labels}), negative_prompt=str(cfg.sample.negative_prompt))
     if cfg.eval.save_samples:
       writer = images.NpzStreamWriter(fileio.join(self.eval_dir, f"samples_step_{step}_{setting}.npz"),
                                       self.generator.image_shape, labels if labelled else None, len(labels))
