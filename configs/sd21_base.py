@@ -18,23 +18,31 @@ Diffusion"): the data encoded once (python -m selfperc_jax.encode_latents, data.
 
   # the self-perceptual stage: from the MSE model, against a frozen copy of it, the feature distance alone
   python -m selfperc_jax.main --config=configs/sd21_base.py --workdir=workdirs/sd_sp \
-      --config.pretrained=MODELS/sd2.1-base-zsnr-laionaes6 --config.init_from=MODELS/sd2.1-base-zsnr-laionaes6 \
-      --config.data.dir=DATA/shards --config.latent.dir=DATA/latents
-  # the MSE baseline (caption dropout 0.1 for guidance), e.g. from SD 2.1-base switched to v + zero SNR:
+      --config.pretrained=MODELS/sd2.1-base-zsnr-laionaes6 --config.latent.dir=DATA/latents
+  # the MSE baseline, e.g. from SD 2.1-base switched to v + zero SNR:
   python -m selfperc_jax.main --config=configs/sd21_base.py:mse --workdir=workdirs/sd_mse \
-      --config.pretrained=MODELS/stable-diffusion-2-1-base --config.init_from=MODELS/stable-diffusion-2-1-base \
-      --config.retrain_schedule=True --config.data.dir=DATA/shards --config.latent.dir=DATA/latents
+      --config.pretrained=MODELS/stable-diffusion-2-1-base --config.retrain_schedule=True \
+      --config.latent.dir=DATA/latents
+  # both from the same start, evaluated on COCO prompts unguided and at guidance 7.5 / rescale 0.7 (README):
+  python -m selfperc_jax.experiments --config=configs/sd21_base.py --workdir=workdirs/sd_comparison \
+      --config.pretrained=MODELS/sd2.1-base-zsnr-laionaes6 --config.latent.dir=DATA/latents \
+      --config.sample.prompts_file=captions_val2014.json --config.eval.reference=coco512.npz \
+      --config.eval.inception_weights=pt_inception-2015-12-05.pth --config.eval.num_samples=10000
+
+A run of the folder's U-Net starts from the folder's weights (pretrained; --config.init_from=FOLDER for another
+folder of the same layout).
 
 Fine-tuning settings (choices of this project where the paper gives none, stated as such): 10,000 steps at a global
 batch of 256, AdamW at a constant 1e-5 after 500 warm-up steps (weight decay 0.01), a fresh optimizer (a model
 folder holds none), the sampling EMA (decay 0.9999) carried on from the folder's weights; the copy frozen at the
-start weights, the same text condition, t' uniform, mid-block features (the paper's). The frozen text encoder runs in
+start weights, the same text condition, t' uniform, mid-block features (the paper's); caption dropout 0.1 in both
+stages. The frozen text encoder runs in
 the step; the VAE is not used by training (the latents are encoded once). Topologies: 'tpu' (the default, a pod
 slice such as v4-32 or v5p-64): bfloat16 compute, remat, FSDP over every device; 'gpu' (one node of 8 GPUs, one
 process each): bfloat16, remat, data parallel with the state replicated (--config.mesh.fsdp=8 when short of memory).
 
 Arguments, comma-combinable: '' (the default above), 'tpu' / 'gpu' (the topology), 'mse' (the MSE baseline: no
-perceptual term, caption dropout 0.1; sampled with guidance 7.5, rescale 0.7), 'dpm' (DPM-Solver++(2M), 25
+perceptual term; sampled with guidance 7.5, rescale 0.7), 'dpm' (DPM-Solver++(2M), 25
 steps, as diffusers' DPMSolverMultistepScheduler from the same config), 'stabilityai' (stabilityai/stable-diffusion-2-1-base
 itself, where the paper's fine-tuning starts: epsilon prediction without the zero-SNR rescale, DDIM with leading
 timesteps and steps_offset 1 as its scheduler config says, guidance 7.5), 'tiny' (the small random folder that
@@ -79,7 +87,7 @@ def get_config(arg=None):
   config.sample.batch_size = 8  # samples at once over all devices (a multiple of their count)
   config.sample_every = 0  # grids while training need sample.prompts: set both to draw them
   config.eval_every = 0
-  config.eval.features = "inception"
+  config.eval.features = "inception"  # against eval.reference (COCO's statistics: evaluation/reference_stats.py)
 
   # Fine-tuning from a model folder (init_from), as the paper's two stages did (see the module's docstring)
   config.total_steps = 10_000
@@ -90,7 +98,14 @@ def get_config(arg=None):
   config.perceptual.mse_weight = 0.0
   config.perceptual.start_step = 0
   config.perceptual.copy_ema_decay = 1.0  # frozen at the start weights
-  config.loss.label_dropout = 0.0  # the self-perceptual model is sampled without guidance
+  # Caption dropout to the empty prompt in both stages (a choice: the self-perceptual model is sampled without
+  # guidance, but so it keeps a trained unconditional branch and the comparison can guide both alike).
+  config.loss.label_dropout = 0.1
+  # python -m selfperc_jax.experiments --config=configs/sd21_base.py: both stages from the folder's U-Net (no
+  # pre-training stage), each evaluated unguided and at the released MSE model's guidance 7.5 with rescale 0.7.
+  config.experiment.branches = ("mse", "perceptual")
+  config.experiment.guidance_scales = (1.0, 7.5)
+  config.experiment.guidance_rescale = 0.7
   config.optimizer.learning_rate = 1e-5
   config.optimizer.warmup_steps = 500
   config.optimizer.decay = "constant"
@@ -108,7 +123,6 @@ def get_config(arg=None):
     config.mesh.fsdp, config.mesh.data = -1, 1
   if "mse" in args:
     config.perceptual.weight = 0.0
-    config.loss.label_dropout = 0.1  # caption dropout: the empty prompt, for classifier-free guidance
     config.sample.guidance_scale = 7.5
     config.sample.guidance_rescale = 0.7
   if "stabilityai" in args:  # its scheduler_config.json (PNDMScheduler's, read by DDIM and DPM-Solver as diffusers does)

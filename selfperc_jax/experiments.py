@@ -43,7 +43,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from selfperc_jax import fileio, generate, modes, resume, sharding, train, workdir_lock
+from selfperc_jax import fileio, generate, modes, pretrained, resume, sharding, train, workdir_lock
 from selfperc_jax.errors import Stopped
 from selfperc_jax.evaluation import evaluate, report
 from selfperc_jax.setup import Setup
@@ -181,8 +181,11 @@ class Comparison:
         "",
         f"Command: `{self.command}`" if self.command else "",
         "",
-        f"- Pre-training: MSE for {start} steps (`{pretrain}/`); every branch continues from its checkpoint for "
-        f"{total - start} steps (`init_from`), fine-tuned as `finetune.*` says: {recipe(c)}.",
+        (f"- Pre-training: MSE for {start} steps (`{pretrain}/`); every branch continues from its checkpoint for "
+         f"{total - start} steps (`init_from`), fine-tuned as `finetune.*` says: {recipe(c)}." if start else
+         f"- Start: the model folder {pretrained.start_folder(c)}'s U-Net (no pre-training stage); every branch "
+         f"fine-tunes it for {total} steps, its online params, sampling EMA and copy all the folder's weights, with a "
+         "fresh optimizer state."),
         f"- Branches: {', '.join(report.title(b) for b in c.experiment.branches)}; the perceptual copy is the "
         f"pre-trained model's {c.perceptual.copy_source} params, frozen (copy_ema_decay "
         f"{c.perceptual.copy_ema_decay:g}); taps {', '.join(c.perceptual.taps)}; noise '{c.perceptual.noise}'.",

@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from selfperc_jax import config_tree, fileio
+from selfperc_jax import config_tree, fileio, pretrained
 from selfperc_jax.errors import ConfigError
 
 PRETRAIN = "pretrain"
@@ -124,9 +124,11 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   per branch (branch_names: the variants of a self-perceptual branch after it)."""
   p = config.perceptual
   start, total = int(p.start_step), int(config.total_steps)
-  if not 0 < start < total:
+  folder = pretrained.start_folder(config)  # a model folder's U-Net is the start: no pre-training stage
+  if not (0 < start < total or (folder and start == 0)):
     raise ConfigError(f"the comparison needs 0 < perceptual.start_step < total_steps (pre-training, then the "
-                      f"branches), got perceptual.start_step={start} and total_steps={total}.")
+                      f"branches), or perceptual.start_step=0 with a model folder to start from, got "
+                      f"perceptual.start_step={start} and total_steps={total}.")
 
   def derived(values):
     c = ml_collections.ConfigDict(config.to_dict())
@@ -150,11 +152,14 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   for seed in training_seeds(config):
     # The training seed is all that differs between seeds; the evaluation's (eval.seed, sample.seed) stay fixed.
     seeded = {} if seed is None else {"seed": seed}
-    pretrain = stage_name(seed, PRETRAIN)
-    stages[pretrain] = derived({"total_steps": start, "init_from": "", "perceptual.weight": 0.0, **seeded})
-    # A branch is an init_from run of the rest of the steps: a fine-tuning run, whose recipe is finetune.*'s
-    # (step.learning_rate_fn, step.sampling_ema_schedule, resume._init_from), left as the config says.
-    branch = {"total_steps": total - start, "init_from": _join(workdir, pretrain), **seeded}
+    if start:
+      pretrain = stage_name(seed, PRETRAIN)
+      stages[pretrain] = derived({"total_steps": start, "init_from": "", "perceptual.weight": 0.0, **seeded})
+      # A branch is an init_from run of the rest of the steps: a fine-tuning run, whose recipe is finetune.*'s
+      # (step.learning_rate_fn, step.sampling_ema_schedule, resume._init_from), left as the config says.
+      branch = {"total_steps": total - start, "init_from": _join(workdir, pretrain), **seeded}
+    else:  # each branch fine-tunes the model folder's U-Net (pretrained.start_folder) for all the steps
+      branch = {"total_steps": total, **seeded}
     for name in branch_names(config):
       base, _, variant = name.partition("@")
       stages[stage_name(seed, name)] = derived({**branch, **overrides[base], **ablations.get(variant, {})})

@@ -308,3 +308,19 @@ def test_eval_mode_scores_samples_from_coco_prompts_against_a_reference_and_reco
   assert result["prompts_given"] == result["prompts_drawn"] == 5  # 8 rounded up to 2 per prompt
   lines = open(result["prompts"]).read().splitlines()
   assert lines == [f"picture {i}" for i in range(5) for _ in range(2)]
+
+
+def test_the_sd_comparison_fine_tunes_both_branches_from_the_folder_without_a_pretraining_stage(sd_folder, tmp_path):
+  from selfperc_jax import stages
+
+  config = override(load_config("sd21_base", "tiny"), **{"pretrained": sd_folder, "total_steps": 6})
+  built = stages.stage_configs(config, str(tmp_path))
+  assert list(built) == ["mse", "perceptual"]
+  for name, c in built.items():
+    validation.validate(c)
+    assert c.total_steps == 6 and c.init_from == "" and c.loss.label_dropout == 0.1
+    assert stages.pretrained.start_folder(c) == sd_folder  # each branch starts from the folder's U-Net
+  assert built["mse"].perceptual.weight == 0 and built["perceptual"].perceptual.mse_weight == 0
+  assert tuple(config.experiment.guidance_scales) == (1.0, 7.5) and config.experiment.guidance_rescale == 0.7
+  with pytest.raises(ConfigError, match="or perceptual.start_step=0 with a model folder"):
+    stages.stage_configs(override(config, **{"model.sd_layout": "tiny"}), str(tmp_path))
