@@ -69,6 +69,12 @@ def recipe(config: ml_collections.ConfigDict) -> str:
   return f"online params from the pre-trained {online}, {optimizer}, sampling EMA {ema[f.sampling_ema]}, {rate}"
 
 
+def _drawn(config) -> str:
+  """How a row's samples are drawn, in words."""
+  return {"class": "class-balanced", "text": "each prompt alike, from sample.prompts / prompts_file",
+          "none": "unconditional"}[config.condition]
+
+
 def eval_config(config: ml_collections.ConfigDict, guidance_scale: float) -> ml_collections.ConfigDict:
   """A stage's config for sampling at one guidance scale (rescaled as experiment.guidance_rescale says)."""
   c = ml_collections.ConfigDict(config.to_dict())
@@ -189,7 +195,7 @@ class Comparison:
         f"- Branches: {', '.join(report.title(b) for b in c.experiment.branches)}; the perceptual copy is the "
         f"pre-trained model's {c.perceptual.copy_source} params, frozen (copy_ema_decay "
         f"{c.perceptual.copy_ema_decay:g}); taps {', '.join(c.perceptual.taps)}; noise '{c.perceptual.noise}'.",
-        f"- Evaluation: {e.num_samples} samples per row (class-balanced), {s.sampler} {s.steps} steps, eval seed "
+        f"- Evaluation: {e.num_samples} samples per row ({_drawn(c)}), {s.sampler} {s.steps} steps, eval seed "
         f"{e.seed} for every row; features '{e.features}'"
         + (f" against the {e.reference_split} split" if not e.reference else f" against {e.reference}") + ".",
         f"- Guided rows use classifier-free guidance with rescale phi = {c.experiment.guidance_rescale:g} "
