@@ -324,3 +324,32 @@ def test_the_sd_comparison_fine_tunes_both_branches_from_the_folder_without_a_pr
   assert tuple(config.experiment.guidance_scales) == (1.0, 7.5) and config.experiment.guidance_rescale == 0.7
   with pytest.raises(ConfigError, match="or perceptual.start_step=0 with a model folder"):
     stages.stage_configs(override(config, **{"model.sd_layout": "tiny"}), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_the_sd_comparison_runs_from_encoded_captions_to_its_table(sd_folder, tmp_path):
+  """python -m selfperc_jax.experiments --config=configs/sd21_base.py on the tiny folder: both branches fine-tuned
+  from the folder, each evaluated on COCO-style prompts unguided and at 7.5 / rescale 0.7, the table written."""
+  from conftest import random_inception_weights
+  from selfperc_jax import experiments
+
+  examples = {**_examples(), **{f"1{i:08d}": (_image(20 + i, 16, 10 + i)[1], f"picture number {i}") for i in range(9)}}
+  captions = tmp_path / "captions.json"
+  captions.write_text(json.dumps({"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(4)],
+                                  "annotations": [{"image_id": i, "id": i, "caption": f"picture number {i}"}
+                                                  for i in range(4)]}))
+  random_inception_weights(tmp_path / "inception.npz")
+  np.savez(tmp_path / "ref.npz", np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+  config = override(load_config("sd21_base", "tiny"), **{
+      "pretrained": sd_folder, "data.dir": write_webdataset(tmp_path / "wds", examples),
+      "latent.dir": str(tmp_path / "lat"), "total_steps": 2, "log_every": 1, "checkpoint_every": 2,
+      "optimizer.warmup_steps": 1, "finetune.warmup_steps": 1, "sample.prompts_file": str(captions),
+      "sample.steps": 2, "eval.reference": str(tmp_path / "ref.npz"),
+      "eval.inception_weights": str(tmp_path / "inception.npz"), "eval.num_samples": 8})
+  encode_latents.run(config)
+  rows = experiments.run(config, str(tmp_path / "w"))
+  assert [(r["branch"], r["guidance_scale"]) for r in rows] == [("mse", 1.0), ("mse", 7.5), ("perceptual", 1.0),
+                                                                ("perceptual", 7.5)]
+  assert all(np.isfinite(r["fid"]) and r["num_samples"] == 8 for r in rows)
+  table = (tmp_path / "w" / "comparison.md").read_text()
+  assert "Start: the model folder" in table and "each prompt alike" in table
