@@ -32,12 +32,12 @@ HINT = ("a diffusers Stable Diffusion folder (e.g. ByteDance/sd2.1-base-zsnr-lai
         "see README, \"Stable Diffusion\"), or one made by python benchmarks/fake_sd.py DIR")
 
 
-def folder_of(config) -> str:
-  return os.path.abspath(os.path.expanduser(str(config.pretrained)))
-
-
 def folder_path(path: str) -> str:
   return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def folder_of(config) -> str:
+  return folder_path(config.pretrained)
 
 
 def start_folder(config) -> str:
