@@ -1,19 +1,19 @@
-"""Metric outputs: workdir/metrics.jsonl, TensorBoard events (clu) and a console progress line with an ETA.
+"""Metric outputs: workdir/metrics.jsonl, TensorBoard events (tensorboard_events.py, no TensorFlow) and a console
+progress line with an ETA.
 
-clu's writers import TensorFlow; they are imported here only, and when they are missing (e.g. on a machine with
-only JAX installed) the run goes on with metrics.jsonl and the console.
+Where the `tensorboard` package is missing (e.g. a machine with only JAX installed) the run goes on with
+metrics.jsonl and the console.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 from absl import logging
 
-from selfperc_jax import fileio
+from selfperc_jax import fileio, tensorboard_events
 
 
 def json_line(record: dict) -> str:
@@ -44,11 +44,8 @@ class MetricLogger:
     self.path = fileio.join(workdir, "metrics.jsonl")
     self._writer = None
     if enabled:
-      os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
       try:
-        from clu import metric_writers
-
-        self._writer = metric_writers.create_default_writer(workdir, asynchronous=False)
+        self._writer = tensorboard_events.EventsWriter(workdir)
       except ImportError as e:
         logging.warning("TensorBoard logging is off (%s); metrics go to %s only.", e, self.path)
     self._last_time, self._last_step = None, None
@@ -108,11 +105,6 @@ class MetricLogger:
     fileio.append_text(self.path, json_line({"step": int(step), **record}) + "\n")
     if self._writer is not None:
       self._writer.write_scalars(step, record)
-
-  def close(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
-      self._writer.close()
 
 
 class Progress:

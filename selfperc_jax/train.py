@@ -65,19 +65,16 @@ def _loop(setup: Setup, ckpt, num_steps: int | None) -> tuple[dict | None, str |
   logger = outputs.logger = MetricLogger(setup.workdir, config.total_steps, config.batch_size,
                                          enabled=jax.process_index() == 0,
                                          peak_flops=flops.peak_flops(setup.mesh.devices.flat[0]))
-  try:
-    dropped = logger.drop_rows_after(start)
-    if dropped:
-      print(f"metrics.jsonl: dropped {dropped} row(s) past step {start}, logged before the run was stopped; those "
-            "steps are trained and logged again", flush=True)
-    if lacking:
-      print(f"step {start}'s {' and '.join(lacking)} are missing from the workdir: writing them first", flush=True)
-      outputs.write(state.ema_params, start, lacking)
-    if start >= config.total_steps:
-      return None, None
-    return _steps(setup, ckpt, state, start, step_key, outputs, logger, num_steps)
-  finally:
-    logger.close()
+  dropped = logger.drop_rows_after(start)
+  if dropped:
+    print(f"metrics.jsonl: dropped {dropped} row(s) past step {start}, logged before the run was stopped; those "
+          "steps are trained and logged again", flush=True)
+  if lacking:
+    print(f"step {start}'s {' and '.join(lacking)} are missing from the workdir: writing them first", flush=True)
+    outputs.write(state.ema_params, start, lacking)
+  if start >= config.total_steps:
+    return None, None
+  return _steps(setup, ckpt, state, start, step_key, outputs, logger, num_steps)
 
 
 def _steps(setup: Setup, ckpt, state, start: int, step_key, outputs: PeriodicOutputs, logger: MetricLogger,

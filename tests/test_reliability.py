@@ -209,8 +209,7 @@ def test_a_text_file_named_npz_is_called_text(tmp_path):
     evaluate.load_batch(str(tmp_path / "array.npz"), "sample")
 
 
-def test_metrics_jsonl_stays_strict_json_with_non_finite_values(tmp_path, monkeypatch):
-  monkeypatch.setitem(sys.modules, "clu", None)  # no TensorBoard writer (TensorFlow's import): metrics.jsonl alone
+def test_metrics_jsonl_stays_strict_json_with_non_finite_values(tmp_path):
   logger = logging_utils.MetricLogger(str(tmp_path), total_steps=10, batch_size=2, enabled=True)
   logger.write(1, {"loss": float("nan"), "grad_norm": float("inf"), "x": -float("inf"), "ok": 0.5})
   logger.write_eval(1, {"fid": float("nan")})
