@@ -124,7 +124,23 @@ def digits_config():
 
 def random_inception_weights(path):
   """A FID Inception weights file in the PyTorch layout (flat names), made from randomly initialised Flax
-  variables."""
+  variables: made once for the whole run (and its workers) beside the digits classifier, then copied."""
+  import hashlib
+
+  import jax
+
+  code = b"".join((REPO / "third_party" / "fid_inception" / f).read_bytes() for f in ("model.py", "convert.py"))
+  key = hashlib.sha256(code + jax.__version__.encode()).hexdigest()[:16]  # another network: another file
+  made = pathlib.Path(os.environ["SELFPERC_JAX_CACHE"]) / f"random_inception_weights_{key}.npz"
+  if not made.exists():
+    made.parent.mkdir(parents=True, exist_ok=True)
+    partial = made.with_name(f"{made.stem}.{os.getpid()}.npz")
+    _write_random_inception_weights(partial)
+    os.replace(partial, made)  # atomic: a worker reading it never sees half a file
+  shutil.copyfile(made, path)
+
+
+def _write_random_inception_weights(path):
   import jax
   import jax.numpy as jnp
   import numpy as np
