@@ -1,5 +1,8 @@
 """The digits pipeline: values, shapes, determinism, resumable iterator state, per-process sharding."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -17,6 +20,23 @@ def test_digits_splits_are_disjoint_and_scaled():
   assert train_x.min() == -1.0 and train_x.max() == 1.0  # 0..16 mapped onto [-1, 1]
   np.testing.assert_array_equal(np.concatenate([train_x, test_x]), all_x)
   assert set(train_y.tolist()) == set(range(10)) == set(test_y.tolist())
+
+
+def test_digits_read_from_the_file_equal_load_digits_and_need_no_scikit_learn_import(monkeypatch):
+  from sklearn.datasets import load_digits
+
+  expected = load_digits()
+  images, labels = digits.load_all()
+  assert digits._digits_file() is not None  # the direct read, not the fallback
+  np.testing.assert_array_equal(images, expected.images)
+  np.testing.assert_array_equal(labels, expected.target)
+  code = "import sys\nfrom selfperc_jax.data import digits\ndigits.load()\nprint('sklearn' in sys.modules)\n"
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert result.stdout.strip() == "False", result.stderr[-2000:]
+  monkeypatch.setattr(digits, "_digits_file", lambda: None)  # a scikit-learn that lays its data out otherwise
+  fallback_images, fallback_labels = digits.load_all()
+  np.testing.assert_array_equal(fallback_images, images)
+  np.testing.assert_array_equal(fallback_labels, labels)
 
 
 def test_resize():
