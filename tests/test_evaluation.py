@@ -222,6 +222,36 @@ def test_the_training_time_evaluator_checks_its_reference_before_building_the_ne
     evaluate.Evaluator(config, str(tmp_path), generator_factory=fail)
 
 
+def test_evaluations_of_one_process_share_the_inception_network_and_reference_until_a_file_changes(
+    tmp_path, monkeypatch, digits_config):
+  """The comparison evaluates every branch at every guidance scale: the Inception weights are loaded and the
+  reference batch embedded once, while the files stay the same (their size and time); the digits features are not
+  kept (their classifier is cached on disk)."""
+  import os
+
+  from selfperc_jax.evaluation import evaluate
+
+  built = []
+  monkeypatch.setattr(evaluate, "_KEPT", {})
+  monkeypatch.setattr(evaluate, "make_feature_network", lambda *a: built.append(a) or f"network {len(built)}")
+  monkeypatch.setattr(evaluate, "features_of_reference", lambda loaded, network: np.full(3, len(built)))
+  np.savez(tmp_path / "ref.npz", np.zeros((4, 8, 8, 3), np.uint8))
+  (tmp_path / "w.npz").write_bytes(b"weights")
+  config = digits_config("tiny")
+  config.eval.features, config.eval.inception_weights = "inception", str(tmp_path / "w.npz")
+  config.eval.reference = str(tmp_path / "ref.npz")
+  share = lambda: evaluate._network_and_reference(config, evaluate.configured_reference(config), str(tmp_path))
+  first, second = share(), share()
+  assert len(built) == 1 and first[0] == second[0] == "network 1" and second[1] is first[1]
+  os.utime(tmp_path / "ref.npz", ns=(1, 1))  # another reference file (its time): embedded again
+  assert share()[0] == "network 2" and len(built) == 2
+  (tmp_path / "w.npz").write_bytes(b"other weights")  # other weights (their size): loaded again
+  assert share()[0] == "network 3" and share()[0] == "network 3"
+  config.eval.features = "digits"
+  share(), share()
+  assert len(built) == 5 and evaluate._KEPT == {}  # the digits classifier: built each time, nothing kept
+
+
 # --- the digits classifier -------------------------------------------------------------------------------------------
 
 

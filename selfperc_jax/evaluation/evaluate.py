@@ -194,6 +194,37 @@ def write_result(eval_dir: str, step: int, setting: str, result: dict) -> str:
   return path
 
 
+_KEPT: dict = {}  # the last Inception network and reference features of this process (see below)
+
+
+def _local_file_key(path: str):
+  """(path, size, mtime) of a local file; None for a bucket's (not kept: another run may rewrite it unseen)."""
+  if not path or fileio.is_remote(path):
+    return None
+  import os
+
+  info = os.stat(path)
+  return (os.path.abspath(path), info.st_size, info.st_mtime_ns)
+
+
+def _network_and_reference(config, loaded: tuple | None, cache_dir: str):
+  """The feature network and the reference features. With Inception weights and a reference file on local disk, the
+  last pair is kept for the process: the comparison's evaluations (branches x guidance scales) load the weights and
+  embed the reference batch once instead of once each. A changed file (size or time) is another key."""
+  key = None
+  if config.eval.features == "inception" and config.eval.reference:
+    weights, reference = _local_file_key(config.eval.inception_weights), _local_file_key(config.eval.reference)
+    key = None if weights is None or reference is None else (weights, reference)
+  if key is not None and _KEPT.get("key") == key:
+    return _KEPT["network"], _KEPT["reference"]
+  _KEPT.clear()  # at most one network held
+  network = feature_network(config, cache_dir)
+  reference = reference_features(config, loaded, network)
+  if key is not None:
+    _KEPT.update(key=key, network=network, reference=reference)
+  return network, reference
+
+
 class Evaluator:
   """Scores params: draws eval.num_samples class-balanced samples with the sample.* settings, chunk by chunk over
   every device, embeds each chunk on the devices and compares the features with the reference data's.
@@ -208,8 +239,7 @@ class Evaluator:
     self.config = config
     self.eval_dir = fileio.join(workdir, "eval")
     loaded = configured_reference(config)  # before the network: a bad reference file fails in milliseconds
-    self.network = feature_network(config, self.eval_dir)
-    self.reference = reference_features(config, loaded, self.network)
+    self.network, self.reference = _network_and_reference(config, loaded, self.eval_dir)
     self.generator = generator_factory(self.network.embed_fn, self.network.embed_variables)
 
   def __call__(self, params, step: int) -> dict | None:
