@@ -225,18 +225,23 @@ def test_a_run_on_encoded_captions_trains_both_phases_resumes_and_runs_on_two_pr
   assert losses[0] != losses[1] and not any("text" in str(k) for k in jax.tree_util.tree_flatten_with_path(state)[0])
 
 
+def _init_from_folder_config(sd_folder, tmp_path):
+  return _encode_config(sd_folder, "webdataset", "", tmp_path / "latents", **{
+      "init_from": sd_folder, "finetune.optimizer_state": "reset", "perceptual.start_step": 0,
+      "perceptual.mse_weight": 0.0, "batch_size": 8})
+
+
+@pytest.mark.slow  # compiles the SD train state's sharded init (~8 s from an empty cache)
 def test_init_from_a_model_folder_starts_online_ema_and_copy_from_its_unet(sd_folder, tmp_path):
   """The paper fine-tunes the released model: online params = sampling EMA = copy = the folder's U-Net, a fresh
-  Adam state; settings that cannot hold for a folder are one error line each."""
+  Adam state."""
   import jax
 
   from selfperc_jax import checkpoint, resume
   from selfperc_jax.models import sd
   from selfperc_jax.setup import Setup
 
-  config = _encode_config(sd_folder, "webdataset", "", tmp_path / "latents", **{
-      "init_from": sd_folder, "finetune.optimizer_state": "reset", "perceptual.start_step": 0,
-      "perceptual.mse_weight": 0.0, "batch_size": 8})
+  config = _init_from_folder_config(sd_folder, tmp_path)
   setup = Setup(config, str(tmp_path / "w"), with_data=False)
   state, restored = resume.restore_or_init(setup, checkpoint.Checkpointer(str(tmp_path / "w" / "ckpt"), 1),
                                            jax.random.key(0))
@@ -246,6 +251,10 @@ def test_init_from_a_model_folder_starts_online_ema_and_copy_from_its_unet(sd_fo
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), tree, folder)
   assert int(jax.tree.leaves(state.opt_state)[0]) == 0  # Adam's count: fresh
 
+
+def test_settings_that_cannot_hold_for_a_model_folder_are_one_error_line_each(sd_folder, tmp_path):
+  config = _init_from_folder_config(sd_folder, tmp_path)
+  validation.validate(config)
   for overrides, words in (({"finetune.optimizer_state": "carry"}, "holds no optimizer state: set --config.finetune"
                                                                      ".optimizer_state=reset"),
                            ({"model.sd_layout": "tiny"}, "set model.arch='sd' with model.sd_layout=''"),

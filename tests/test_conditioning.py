@@ -50,11 +50,14 @@ def test_the_unconditional_unet_has_no_class_embedding_and_ignores_y():
   kw = dict(base_channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), out_channels=1)
   x, t = jax.random.normal(jax.random.key(1), (3, 8, 8, 1)), jnp.array([0.1, 0.5, 0.9])
   model = UNet(num_classes=NONE.model_classes, **kw)
-  params = model.init(jax.random.key(0), x, t, jnp.zeros(3, jnp.int32))["params"]
-  assert "class_embed" not in params
-  conditional = UNet(num_classes=10, **kw).init(jax.random.key(0), x, t, jnp.zeros(3, jnp.int32))["params"]
-  assert set(conditional) - set(params) == {"class_embed"}
-  params = jax.tree.map(lambda p: p + 0.01, params)  # the output conv starts at zero
+  # The trees' shapes (abstract inits: running the initialisers adds nothing here), then values that are not zero
+  # (a fresh output conv is).
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x, t, jnp.zeros(3, jnp.int32))["params"]
+  assert "class_embed" not in shapes
+  conditional = jax.eval_shape(UNet(num_classes=10, **kw).init, jax.random.key(0), x, t, jnp.zeros(3, jnp.int32))
+  assert set(conditional["params"]) - set(shapes) == {"class_embed"}
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), jnp.float32), shapes)
   a = model.apply({"params": params}, x, t, jnp.zeros(3, jnp.int32))
   b = model.apply({"params": params}, x, t, jnp.array([3, 7, 9], jnp.int32))
   np.testing.assert_array_equal(a, b)

@@ -19,20 +19,30 @@ SMALL_TEXT = clip.CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_si
 SMALL_VAE = dataclasses.replace(sd_vae.SD, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
 
 
-def test_counts_are_the_layouts_and_the_flops_grow_with_the_image():
-  """Two independent counts agree (the Flax init's and the PyTorch layout's shapes); for twice the side the
-  U-Net's and the decoder's FLOPs grow between 4x (their convolutions) and 16x (their self-attention is quadratic
-  in the positions), the text encoder's not at all."""
-  small = sd_sampling.facts(SMALL_UNET, SMALL_TEXT, SMALL_VAE, image=32)
+@pytest.fixture(scope="module")
+def small():
+  return sd_sampling.facts(SMALL_UNET, SMALL_TEXT, SMALL_VAE, image=32)
+
+
+def test_counts_are_the_layouts(small):
+  """Two independent counts agree (the Flax init's and the PyTorch layout's shapes)."""
   assert small["params_unet"] == unet_convert.num_parameters(SMALL_UNET)
   assert small["params_text_encoder"] == clip_convert.num_parameters(SMALL_TEXT)
   assert small["params_vae"] == sum(int(np.prod(s)) for s in vae_convert.expected_shapes(SMALL_VAE).values())
+  assert min(small["gflops_unet"], small["gflops_text_encoder"], small["gflops_vae_decode"]) > 0
+  # A guided sample runs the U-Net twice per step; the decode once either way.
+  assert sd_sampling.per_sample_tflops(small, 10, True) > 1.9 * sd_sampling.per_sample_tflops(small, 10, False) - (
+      small["gflops_vae_decode"] / 1e3)
+
+
+@pytest.mark.slow  # every network's FLOPs counted again at a second size
+def test_the_flops_grow_with_the_image(small):
+  """For twice the side the U-Net's and the decoder's FLOPs grow between 4x (their convolutions) and 16x (their
+  self-attention is quadratic in the positions), the text encoder's not at all."""
   large = sd_sampling.facts(SMALL_UNET, SMALL_TEXT, SMALL_VAE, image=64)
   assert 4 * small["gflops_unet"] < large["gflops_unet"] < 16 * small["gflops_unet"]
   assert 4 * small["gflops_vae_decode"] < large["gflops_vae_decode"] < 16 * small["gflops_vae_decode"]
   assert large["gflops_text_encoder"] == small["gflops_text_encoder"]
-  assert sd_sampling.per_sample_tflops(small, 10, True) > 1.9 * sd_sampling.per_sample_tflops(small, 10, False) - (
-      small["gflops_vae_decode"] / 1e3)
 
 
 @pytest.mark.slow

@@ -75,9 +75,21 @@ class Variant:
     return self.data["x" + suffix], self.data["t" + suffix], self.data["context" + suffix]
 
 
+class _Variants(dict):
+  """{name: Variant}, each made when a test first asks for it (the fast subset needs only some)."""
+
+  def __init__(self, fixture, tmp_path_factory):
+    super().__init__()
+    self.fixture, self.tmp_path_factory = fixture, tmp_path_factory
+
+  def __missing__(self, name):
+    self[name] = Variant(self.fixture, name, self.tmp_path_factory.mktemp(name))
+    return self[name]
+
+
 @pytest.fixture(scope="module")
 def variants(fixture, tmp_path_factory):
-  return {name: Variant(fixture, name, tmp_path_factory.mktemp(name)) for name in VARIANTS}
+  return _Variants(fixture, tmp_path_factory)
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,8 +118,14 @@ def _assert_close(got, expected, what):
 # --- parity ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-@pytest.mark.parametrize("suffix", ["", "_odd"], ids=["16x16", "13x11"])
+# The fast subset keeps one case of each layout (SD 2's linear projections at 16x16, SD 1's convolutions at the odd
+# 13x11 size with its forced upsampling sizes); the other two are `slow`.
+PARITY_CASES = [pytest.param(name, suffix, id=f"{size}-{name}",
+                             marks=() if (name, suffix) in (("sd2", ""), ("sd1", "_odd")) else pytest.mark.slow)
+                for suffix, size in (("", "16x16"), ("_odd", "13x11")) for name in VARIANTS]
+
+
+@pytest.mark.parametrize("name, suffix", PARITY_CASES)
 def test_parity_with_diffusers(variants, name, suffix):
   """Prediction and every tap (each level before its downsampler, the mid block) equal diffusers' float32 results;
   the 13x11 input has diffusers' forced upsampling sizes; t is 981 / 37, and 500.5 for the odd input."""
@@ -120,7 +138,7 @@ def test_parity_with_diffusers(variants, name, suffix):
     _assert_close(taps[tap], v.data[tap + suffix], f"{name}{suffix} tap {tap}")
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "sd2" else pytest.mark.slow) for n in VARIANTS])
 def test_tap_call_returns_mid_block_and_skips_the_decoder(variants, name):
   v = variants[name]
   x, t, context = v.inputs()

@@ -4,19 +4,26 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from selfperc_jax.evaluation import seed_stats
 
 
+@pytest.fixture(scope="module")
+def stats():
+  """scipy.stats, imported when these tests run (not when pytest collects every worker's tests: ~0.7 s)."""
+  from scipy import stats
+
+  return stats
+
+
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 9, 29, 60, 1000])
 @pytest.mark.parametrize("p", [0.975, 0.95, 0.995])
-def test_t_quantile_equals_scipys(df, p):
+def test_t_quantile_equals_scipys(df, p, stats):
   assert seed_stats.t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-9)
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 10])
-def test_the_interval_is_scipys_t_interval(n):
+def test_the_interval_is_scipys_t_interval(n, stats):
   values = np.random.default_rng(n).normal(4.0, 0.5, n)
   got = seed_stats.interval(values)
   lo, hi = stats.t.interval(0.95, n - 1, loc=np.mean(values), scale=stats.sem(values))
@@ -25,7 +32,7 @@ def test_the_interval_is_scipys_t_interval(n):
   assert got.mean + got.half_width == pytest.approx(hi, rel=1e-9)
 
 
-def test_a_paired_difference_excludes_zero_exactly_when_the_paired_t_test_rejects_at_5_percent():
+def test_a_paired_difference_excludes_zero_exactly_when_the_paired_t_test_rejects_at_5_percent(stats):
   rng = np.random.default_rng(0)
   decided = set()
   for trial in range(200):
@@ -41,7 +48,7 @@ def test_a_paired_difference_excludes_zero_exactly_when_the_paired_t_test_reject
   assert decided == {True, False}  # the made-up numbers cover both answers
 
 
-def test_one_seed_gives_a_mean_without_an_interval_and_bad_inputs_are_refused():
+def test_one_seed_gives_a_mean_without_an_interval_and_bad_inputs_are_refused(stats):
   single = seed_stats.interval([2.5])
   assert single.mean == 2.5 and math.isnan(single.half_width) and not single.excludes_zero
   assert single.format() == "2.500"

@@ -101,7 +101,7 @@ def test_fresh_model_outputs_exactly_zero(model, fresh_params):
   np.testing.assert_array_equal(np.asarray(out), 0.0)
 
 
-@pytest.mark.parametrize("out_channels", [1, 3])
+@pytest.mark.parametrize("out_channels", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_full_forward_shape_dtype_and_finite(out_channels):
   model = _tiny(out_channels=out_channels)
   x, t, y = _inputs()

@@ -83,7 +83,7 @@ def _two_runs_at_once(tmp_path, monkeypatch, waits_after_reading) -> list[str]:
     holder = real_read(self)
     if waits_after_reading(holder):
       try:  # one acts at once, the other a moment later (after the first has taken the lock)
-        if barrier.wait(timeout=1) == 0:
+        if barrier.wait(timeout=0.5) == 0:  # both threads start within ms: 0.5 s is ample
           time.sleep(0.3)
       except threading.BrokenBarrierError:  # the guard lets one look at a time
         pass
