@@ -69,6 +69,18 @@ def pytest_collection_modifyitems(session, config, items):
   items.sort(key=lambda item: (-slow[item.path], order[item]))
 
 
+def pytest_collection_finish(session):
+  """Collection leaves a large heap that lives to the end (every module, test item and JAX's own structures), which
+  Python's collector walked again at every full collection while JAX traced: frozen out of its reach, and with the
+  youngest generation collected every 10,000 allocations instead of 700, the fast subset's CPU time fell by ~8 %
+  (2026-12-01: 33.8 -> 30.5 s for five of its heaviest files in one process, 20 MB more memory)."""
+  import gc
+
+  gc.collect()
+  gc.freeze()
+  gc.set_threshold(10_000, 10, 10)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
   """An xdist worker ends here, once its results are with the controller (sent at its session's finish) and every
