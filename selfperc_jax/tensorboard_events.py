@@ -2,8 +2,8 @@
 
 TensorBoard reads any file named `*tfevents*` in a run's folder: records of (uint64 length, masked CRC-32C of the
 length, an Event proto, masked CRC-32C of the proto), little-endian, the first Event naming the file version. The
-protos and the framing (its RecordWriter) come from the `tensorboard` package (pure Python, imported in a fraction of a second); TensorFlow,
-which clu's writer imports (several seconds in every process, on every host), is not needed.
+protos and the framing (its RecordWriter) come from the `tensorboard` package (pure Python, imported in a fraction
+of a second); TensorFlow, which clu's writer imports (several seconds in every process, on every host), is not needed.
 
 A local file is appended to and flushed at every write. Object stores (gs://) cannot append, so a remote file is
 written whole at every write, from the records kept in memory (a run's scalars: well under a megabyte).

@@ -72,8 +72,7 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_collection_finish(session):
   """Collection leaves a large heap that lives to the end (every module, test item and JAX's own structures), which
   Python's collector walked again at every full collection while JAX traced: frozen out of its reach, and with the
-  youngest generation collected every 10,000 allocations instead of 700, the fast subset's CPU time fell by ~8 %
-  (2026-12-01: 33.8 -> 30.5 s for five of its heaviest files in one process, 20 MB more memory)."""
+  youngest generation collected every 10,000 allocations instead of 700 (BENCHMARKS.md, "The tests' own speed")."""
   import gc
 
   gc.collect()
@@ -84,8 +83,8 @@ def pytest_collection_finish(session):
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
   """An xdist worker ends here, once its results are with the controller (sent at its session's finish) and every
-  other unconfigure hook has run: tearing down its interpreter (JAX clears its caches and destroys ~1000 loaded
-  executables) took 2-3 s at the end of every run, for nothing."""
+  other unconfigure hook has run: tearing down its interpreter (JAX clears its caches and destroys every loaded
+  executable) would only delay the end of the run (BENCHMARKS.md, "The tests' own speed")."""
   if hasattr(config, "workerinput"):
     sys.stdout.flush()
     sys.stderr.flush()

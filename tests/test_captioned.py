@@ -231,7 +231,7 @@ def _init_from_folder_config(sd_folder, tmp_path):
       "perceptual.mse_weight": 0.0, "batch_size": 8})
 
 
-@pytest.mark.slow  # compiles the SD train state's sharded init (~8 s from an empty cache)
+@pytest.mark.slow  # compiles the SD train state's sharded init
 def test_init_from_a_model_folder_starts_online_ema_and_copy_from_its_unet(sd_folder, tmp_path):
   """The paper fine-tunes the released model: online params = sampling EMA = copy = the folder's U-Net, a fresh
   Adam state."""

@@ -121,8 +121,8 @@ def test_text_draws_are_prompt_indices_each_alike_and_guidance_takes_the_negativ
   np.testing.assert_array_equal(_text_conditioning(null=-1.0).guidance_null, np.full((3, 4), -1.0))
 
 
-# Three forwards of the U-Net run op by op; in the fast subset the pipeline parity test (tests/test_sd_pipeline.py) proves
-# the timestep against diffusers end to end, and tests/test_sd_unet.py the U-Net's tap call.
+# Three forwards of the U-Net run op by op; in the fast subset the pipeline parity test (tests/test_sd_pipeline.py)
+# proves the timestep against diffusers end to end, and tests/test_sd_unet.py the U-Net's tap call.
 @pytest.mark.slow
 def test_the_sd_denoiser_gives_the_unet_diffusers_integer_timestep(sd_folder):
   config = _config(sd_folder)

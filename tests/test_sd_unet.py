@@ -75,21 +75,9 @@ class Variant:
     return self.data["x" + suffix], self.data["t" + suffix], self.data["context" + suffix]
 
 
-class _Variants(dict):
-  """{name: Variant}, each made when a test first asks for it (the fast subset needs only some)."""
-
-  def __init__(self, fixture, tmp_path_factory):
-    super().__init__()
-    self.fixture, self.tmp_path_factory = fixture, tmp_path_factory
-
-  def __missing__(self, name):
-    self[name] = Variant(self.fixture, name, self.tmp_path_factory.mktemp(name))
-    return self[name]
-
-
 @pytest.fixture(scope="module")
 def variants(fixture, tmp_path_factory):
-  return _Variants(fixture, tmp_path_factory)
+  return {name: Variant(fixture, name, tmp_path_factory.mktemp(name)) for name in VARIANTS}
 
 
 @functools.lru_cache(maxsize=None)

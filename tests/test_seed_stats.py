@@ -10,7 +10,7 @@ from selfperc_jax.evaluation import seed_stats
 
 @pytest.fixture(scope="module")
 def stats():
-  """scipy.stats, imported when these tests run (not when pytest collects every worker's tests: ~0.7 s)."""
+  """scipy.stats, imported when these tests run, not when every worker collects every test."""
   from scipy import stats
 
   return stats
