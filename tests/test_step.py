@@ -203,20 +203,23 @@ def test_label_dropout_reaches_the_null_class(small_config, label_dropout):
 @pytest.mark.slow
 def test_gradient_accumulation_gives_the_full_batch_update(small_config, monkeypatch):
   """optimizer.accumulate_steps=4 (micro-batches of 8 over 2 devices) trains what one batch of 32 trains, through
-  the MSE step and the self-perceptual step (shared noise: every per-example draw must reach its micro-batch).
-  Plain SGD here: Adam's first steps are sign(g) * lr, which flips on float-rounding noise where g is ~0."""
+  the self-perceptual step from step 0, whose loss holds the MSE term beside the perceptual one (the MSE phase's loss
+  is that term alone, through the same micro-batch loop; shared noise: every per-example draw must reach its
+  micro-batch). Plain SGD here: Adam's first steps are sign(g) * lr, which flips on float-rounding noise where g is
+  ~0."""
   import optax
 
   monkeypatch.setattr(step_lib, "make_optimizer", lambda config: (optax.sgd(0.1), optax.constant_schedule(0.1)))
+  small_config.perceptual.start_step = 0  # one program per run: the perceptual phase's
   small_config.perceptual.noise = "shared"
   small_config.model.dropout = 0.0  # dropout masks are drawn per micro-batch: the one thing that differs
   small_config.perceptual.mse_weight = 0.5
   small_config.loss.min_snr_gamma = 5.0
-  batches = _batches(small_config, 3)
+  batches = _batches(small_config, 2)
   full_state, full_hist, _ = _run(small_config, 2, batches)
   small_config.optimizer.accumulate_steps = 4
   acc_state, acc_hist, _ = _run(small_config, 2, batches)
-  assert full_hist[-1]["loss_perceptual"] > 0
+  assert all(h["loss_perceptual"] > 0 and h["loss_mse"] > 0 for h in full_hist)
   _assert_same_run(full_hist, full_state, acc_hist, acc_state)
 
 

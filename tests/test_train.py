@@ -290,6 +290,35 @@ def test_fingerprint_changes_with_any_single_flipped_bit():
       assert flipped[name] != clean[name] and all(flipped[k] == clean[k] for k in clean if k != name)
 
 
+def test_small_replicated_arrays_are_saved_whole_and_large_ones_split_over_their_replicas(tmp_path, monkeypatch):
+  """Replica-parallel writes only where each of the 8 replicas' pieces holds MIN_REPLICA_SLICE_BYTES; the state
+  restores the same either way."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  from orbax.checkpoint._src.serialization import replica_slices
+
+  pieces, real = {}, replica_slices.get_replica_slices
+
+  def spy(arr, *args, **kwargs):
+    out = real(arr, *args, **kwargs)
+    pieces[arr.shape] = out.local_shape
+    return out
+
+  monkeypatch.setattr(replica_slices, "get_replica_slices", spy)
+  replicated = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("data",)), PartitionSpec())
+  big_rows = 8 * checkpoint.MIN_REPLICA_SLICE_BYTES // (4 * 128)  # 8 pieces of exactly the minimum
+  state = {"small": jax.device_put(np.ones((32, 128), np.float32), replicated),
+           "big": jax.device_put(np.arange(big_rows * 128, dtype=np.float32).reshape(big_rows, 128), replicated)}
+  saver = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+  saver.save(1, state, {}, load_config("digits", "tiny"))
+  saver.check(wait=True)
+  assert jax.device_count() == 8 and pieces == {(32, 128): (32, 128), (big_rows, 128): (big_rows // 8, 128)}
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state)
+  restored, _ = saver.restore(1, abstract)
+  for name in state:
+    np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(state[name]))
+  saver.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("flip_one_bit,drop_checksums", [(False, False), (True, False), (True, True)],
                          ids=["truncated", "one-bit-flipped", "one-bit-flipped-checksums-deleted"])
