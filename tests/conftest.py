@@ -56,6 +56,45 @@ os.environ.setdefault("SELFPERC_JAX_CACHE", os.path.join(os.path.dirname(os.envi
 
 import pytest  # noqa: E402
 
+
+def _keep_loaded_programs(size: int = 64) -> None:
+  """The persistent cache's programs, once loaded (or compiled) in a test process, are kept loaded (the last `size`)
+  for the next identical program, which the tests build again and again (every run of a config traces and looks up
+  the same steps): loading one from the cache folder costs about 0.1 s of CPU. An entry's key is the cache's own
+  (the program, its devices, compile options and flags). Skipped if JAX's cache functions are not where they were."""
+  import collections
+
+  from jax._src import compilation_cache as cache
+
+  get, put = getattr(cache, "get_executable_and_time", None), getattr(cache, "put_executable_and_time", None)
+  if get is None or put is None or os.environ.get("SELFPERC_JAX_TEST_RELOAD_PROGRAMS"):
+    return
+  kept = collections.OrderedDict()
+
+  def keep(key, value):
+    kept[key] = value
+    kept.move_to_end(key)
+    while len(kept) > size:
+      kept.popitem(last=False)
+
+  def get_kept(cache_key, *args, **kwargs):
+    if cache_key in kept:
+      kept.move_to_end(cache_key)
+      return kept[cache_key]
+    value = get(cache_key, *args, **kwargs)
+    if value[0] is not None:
+      keep(cache_key, value)
+    return value
+
+  def put_kept(cache_key, module_name, executable, backend, compile_time, *args, **kwargs):
+    put(cache_key, module_name, executable, backend, compile_time, *args, **kwargs)
+    keep(cache_key, (executable, compile_time))
+
+  cache.get_executable_and_time, cache.put_executable_and_time = get_kept, put_kept
+
+
+_keep_loaded_programs()
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
