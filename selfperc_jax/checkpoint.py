@@ -33,7 +33,7 @@ INCOMPLETE = ".orbax-checkpoint-tmp"  # orbax writes a step under <step><INCOMPL
 # Orbax writes a replicated array "replica-parallel": each of its N replicas writes 1/N of it, which spreads a large
 # array's writes over the hosts of a pod. Each piece is a device slice, a host copy and a write of its own, so a
 # small array split N ways costs N times the overhead to save the same bytes: on 8 CPU devices the digits tiny state
-# (648 arrays, 3.8 MB) took 4.0 s and 4.4 CPU-seconds to save split, 1.4 s and 1.5 CPU-seconds whole
+# (648 arrays, 3.8 MB) took 3.3 s and 3.6 CPU-seconds to save split, 1.3 s and 1.4 CPU-seconds whole
 # (BENCHMARKS.md, "Checkpoint saves"). Pieces below this size are not split; a large model's arrays still are.
 MIN_REPLICA_SLICE_BYTES = 256 << 10
 
