@@ -270,8 +270,8 @@ def test_the_non_finite_error_does_not_promise_a_checkpoint_that_does_not_exist(
 
 @pytest.mark.slow
 def test_a_run_on_a_full_disk_ends_with_one_error_line_and_no_traceback(small_disk):
-  # Room for the check before the first save (the state's 3.8 MB of arrays and its margin), not for what that save
-  # writes on disk.
+  # Room for the check before the first save (its 3.8 MB of arrays and a margin: 4.0 MiB), not for what that save
+  # writes (it fails from 4.03 to 4.6 MiB here).
   disk = small_disk(4.3)
   args = [sys.executable, "-m", "selfperc_jax.main", "--config=configs/digits.py:tiny", f"--workdir={disk / 'w'}",
           "--config.total_steps=30", "--config.checkpoint_every=10", "--config.sample_every=0"]
