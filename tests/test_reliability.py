@@ -270,11 +270,13 @@ def test_the_non_finite_error_does_not_promise_a_checkpoint_that_does_not_exist(
 
 @pytest.mark.slow
 def test_a_run_on_a_full_disk_ends_with_one_error_line_and_no_traceback(small_disk):
-  # Room for the check before the first save (its 3.8 MB of arrays and a margin: 4.0 MiB), not for what that save
-  # writes (it fails from 4.03 to 4.6 MiB here).
-  disk = small_disk(4.3)
+  # A model of 8 base channels: its state (1.0 MB) is small beside what its first save writes on disk (1.6 MiB with
+  # orbax's metadata), so a disk of 1.3 MiB lets the check before that save pass (it asks for the state's bytes and
+  # 10 %) and fails the save itself by a wide margin either way (the save fails here from 1.1 to 1.5 MiB).
+  disk = small_disk(1.3)
   args = [sys.executable, "-m", "selfperc_jax.main", "--config=configs/digits.py:tiny", f"--workdir={disk / 'w'}",
-          "--config.total_steps=30", "--config.checkpoint_every=10", "--config.sample_every=0"]
+          "--config.model.base_channels=8", "--config.total_steps=10", "--config.checkpoint_every=10",
+          "--config.sample_every=0"]
   result = subprocess.run(args, cwd=REPO, env=subprocess_env(8), capture_output=True, text=True, timeout=600)
   assert result.returncode == 2, result.stderr[-3000:]
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
