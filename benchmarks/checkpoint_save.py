@@ -17,9 +17,10 @@ import sys
 import tempfile
 import time
 
-_DEVICES = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), "8")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_DEVICES}")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if __name__ == "__main__":  # the host devices, before JAX is imported (a test imports measure() alone)
+  _DEVICES = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), "8")
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_DEVICES}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -41,15 +42,10 @@ def _cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def measure(config, min_slice_bytes: int, saves: int) -> tuple[float, float]:
-  """(median wall s, median CPU s) of a save with checkpoint.MIN_REPLICA_SLICE_BYTES = min_slice_bytes."""
-  import jax
-
+def measure(config, state, min_slice_bytes: int, saves: int) -> tuple[float, float]:
+  """(median wall s, median CPU s) of a save of `state` with checkpoint.MIN_REPLICA_SLICE_BYTES = min_slice_bytes."""
   from selfperc_jax import checkpoint
-  from selfperc_jax.setup import Setup
 
-  setup = Setup(config, with_data=False)
-  state = setup.init_state(jax.random.key(0))
   default, checkpoint.MIN_REPLICA_SLICE_BYTES = checkpoint.MIN_REPLICA_SLICE_BYTES, min_slice_bytes
   try:
     with tempfile.TemporaryDirectory() as folder:
@@ -73,16 +69,15 @@ def main(argv):
   import jax
 
   from selfperc_jax import checkpoint
+  from selfperc_jax.setup import Setup
 
   config = FLAGS.config
   config.mesh.data, config.mesh.fsdp = -1, 1
-  from selfperc_jax.setup import Setup
-
-  state = jax.eval_shape(Setup(config, with_data=False).init_fn, jax.random.key(0))
+  state = Setup(config, with_data=False).init_state(jax.random.key(0))
   leaves = jax.tree.leaves(state)
   megabytes = sum(x.size * x.dtype.itemsize for x in leaves) / 1e6
-  split = measure(config, 0, FLAGS.saves)
-  whole = measure(config, checkpoint.MIN_REPLICA_SLICE_BYTES, FLAGS.saves)
+  split = measure(config, state, 0, FLAGS.saves)
+  whole = measure(config, state, checkpoint.MIN_REPLICA_SLICE_BYTES, FLAGS.saves)
   name = next(a for a in sys.argv if a.startswith("--config=")).split("=", 1)[1]
   lines = [
       f"#### Checkpoint save, {datetime.date.today()}, {jax.device_count()} x {jax.devices()[0].platform}, "

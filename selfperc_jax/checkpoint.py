@@ -32,9 +32,8 @@ INCOMPLETE = ".orbax-checkpoint-tmp"  # orbax writes a step under <step><INCOMPL
 
 # Orbax writes a replicated array "replica-parallel": each of its N replicas writes 1/N of it, which spreads a large
 # array's writes over the hosts of a pod. Each piece is a device slice, a host copy and a write of its own, so a
-# small array split N ways costs N times the overhead to save the same bytes: on 8 CPU devices the digits tiny state
-# (648 arrays, 3.8 MB) took 3.3 s and 3.6 CPU-seconds to save split, 1.3 s and 1.4 CPU-seconds whole
-# (BENCHMARKS.md, "Checkpoint saves"). Pieces below this size are not split; a large model's arrays still are.
+# small array split N ways costs N times the overhead to save the same bytes (the digits states save 2-3x faster
+# whole: BENCHMARKS.md, "Checkpoint saves"). Pieces below this size are not split; a large model's arrays still are.
 MIN_REPLICA_SLICE_BYTES = 256 << 10
 
 
@@ -43,7 +42,7 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   default = ocp.type_handlers.get_type_handler(jax.Array)
   arrays = ocp.type_handlers.ArrayHandler(
       min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
-      array_metadata_store=getattr(default, "_array_metadata_store", None))  # what orbax's own writes beside them
+      array_metadata_store=getattr(default, "_array_metadata_store", None))  # as orbax's default handler has it
   types = ocp.type_handlers.create_type_handler_registry(
       *[(t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str)],
       (jax.Array, arrays))

@@ -60,8 +60,9 @@ import pytest  # noqa: E402
 def _keep_loaded_programs(size: int = 64) -> None:
   """The persistent cache's programs, once loaded (or compiled) in a test process, are kept loaded (the last `size`)
   for the next identical program, which the tests build again and again (every run of a config traces and looks up
-  the same steps): loading one from the cache folder costs about 0.1 s of CPU. An entry's key is the cache's own
-  (the program, its devices, compile options and flags). Skipped if JAX's cache functions are not where they were."""
+  the same steps) and would otherwise deserialise again (BENCHMARKS.md, "Later on 2026-12-01"). An entry's key is the
+  cache's own (the program, its devices, compile options and flags). Skipped if JAX's cache functions are not where
+  they were."""
   import collections
 
   from jax._src import compilation_cache as cache
@@ -78,10 +79,7 @@ def _keep_loaded_programs(size: int = 64) -> None:
       kept.popitem(last=False)
 
   def get_kept(cache_key, *args, **kwargs):
-    if cache_key in kept:
-      kept.move_to_end(cache_key)
-      return kept[cache_key]
-    value = get(cache_key, *args, **kwargs)
+    value = kept.get(cache_key) or get(cache_key, *args, **kwargs)
     if value[0] is not None:
       keep(cache_key, value)
     return value

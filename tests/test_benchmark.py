@@ -271,3 +271,16 @@ def test_device_benchmark_runs_with_only_what_the_lent_machine_has(tmp_path):
   for section in (pixels, latents):
     (row,) = section["rows"]
     assert row["variant"] == "as configured" and row["batch"] == 8 and row["step_ms_sp"] > 0
+
+
+def test_checkpoint_save_benchmark_times_both_settings_and_leaves_the_threshold_as_it_was(tiny):
+  from benchmarks import checkpoint_save
+  from selfperc_jax import checkpoint
+
+  replicated = sharding.replicated(jax.sharding.Mesh(np.array(jax.devices()), ("data",)))
+  state = {"w": jax.device_put(np.ones((64, 64), np.float32), replicated)}
+  threshold = checkpoint.MIN_REPLICA_SLICE_BYTES
+  for min_slice in (0, threshold):
+    wall, cpu = checkpoint_save.measure(tiny, state, min_slice, saves=1)
+    assert 0 < wall < 60 and 0 < cpu < 60
+  assert checkpoint.MIN_REPLICA_SLICE_BYTES == threshold
