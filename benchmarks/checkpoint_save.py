@@ -29,10 +29,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config (configs/<name>.py[:arg]).", lock_config=True)
-flags.DEFINE_integer("devices", 8, "Host devices the state is replicated over.")
-flags.DEFINE_integer("saves", 3, "Measured saves per setting (after one unmeasured save).")
-flags.DEFINE_string("out", None, "Append the table to this markdown file (e.g. BENCHMARKS.md).")
+
+
+def _define_flags() -> None:
+  """The script's flags, defined only when it runs as one (a test imports measure() beside other benchmarks, whose
+  --config would clash)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config (configs/<name>.py[:arg]).", lock_config=True)
+  flags.DEFINE_integer("devices", 8, "Host devices the state is replicated over.")
+  flags.DEFINE_integer("saves", 3, "Measured saves per setting (after one unmeasured save).")
+  flags.DEFINE_string("out", None, "Append the table to this markdown file (e.g. BENCHMARKS.md).")
+  flags.mark_flag_as_required("config")
 
 
 def _cpu_seconds() -> float:
@@ -94,5 +100,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
+  _define_flags()
   app.run(main)
