@@ -170,13 +170,24 @@ def test_remat_stores_less_per_example_for_the_backward(tiny):
 def test_device_benchmark_finds_the_batch_that_fits_and_writes_its_rows(tiny, monkeypatch):
   from benchmarks import device
 
-  real, built, failed = step_time.Variant, [], []
+  real, built, failed, compiled = step_time.Variant, [], [], set()
 
   class TooBig:
     """A step whose state was made but whose first run runs out of memory."""
 
     def run(self, n):
       raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+
+  class Timed:
+    """A step that fits, with made-up times and XLA figures, where the test asserts only how the rows are put
+    together; the config's own Setup (no compilation) for the analytic FLOPs of the MSE step."""
+
+    def __init__(self, config, perceptual):
+      self.setup = None if perceptual else Setup(step_time.phase_config(config, False), with_data=False)
+      self.xla_flops, self.compile_s, self.peak_bytes = 1e9, 0.5, 1 << 20
+
+    def run(self, n):
+      return 0.002 if self.setup is None else 0.001
 
   def variant(config, perceptual, seed=0):
     # A step that failed for memory is gone (its state off the device) before the next one is made.
@@ -187,7 +198,13 @@ def test_device_benchmark_finds_the_batch_that_fits_and_writes_its_rows(tiny, mo
     if config.batch_size > 8:
       failed.append(weakref.ref(v := TooBig()))
       return v
-    return real(config, perceptual, seed)
+    # The XLA FLOPs of the unfused and fused self-perceptual steps are compared below: those two are compiled (once
+    # each); the other steps' figures do not enter an assertion.
+    kind = (perceptual, bool(config.perceptual.fused), config.model.dtype)
+    if perceptual and config.model.dtype == "float32" and kind not in compiled:
+      compiled.add(kind)
+      return real(config, perceptual, seed)
+    return Timed(config, perceptual)
 
   monkeypatch.setattr(step_time, "Variant", variant)
   other = tiny.copy_and_resolve_references()
@@ -203,7 +220,8 @@ def test_device_benchmark_finds_the_batch_that_fits_and_writes_its_rows(tiny, mo
   # The bound counts 3 encoder passes for the unfused copy and 4 for the fused one: (3F + cE) / 3F, in (1, 2).
   assert 1 < base["bound"] < second["rows"][0]["bound"] < 2
   assert base["ratio"] == pytest.approx(base["step_ms_sp"] / base["step_ms_mse"])
-  assert fused["xla_tflops_sp"] > base["xla_tflops_sp"]  # the fused pass differentiates the real half too
+  # The fused pass differentiates the real half too (the second config's step is the fused one).
+  assert second["rows"][0]["xla_tflops_sp"] > base["xla_tflops_sp"]
   # The step that fitted in the batch search is the one timed (no second compilation of it); the configs come
   # first, then each variant for every config in turn.
   assert built == [(16, True, False), (8, True, False), (8, False, False),
