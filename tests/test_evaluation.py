@@ -59,6 +59,25 @@ def test_frechet_distance_matches_scipy_sqrtm_on_random_features():
   assert metrics.fid_from_features(x, y) == pytest.approx(expected, rel=1e-8)
 
 
+def test_fid_of_fewer_samples_than_dimensions_equals_the_full_computation():
+  # Fewer samples than dimensions (rank-deficient covariances): fid_from_features works in the smaller set's k x k
+  # space. With both sets' centred rows A and B (over sqrt(n - 1)), tr(sqrt(S1 S2)) is the sum of the singular values
+  # of A B^T: the answer to rounding, in either order. The D x D eigendecompositions agree to their own rounding
+  # (the null space's zero eigenvalues come out at ~1e-14, and their square roots add up), and a set against
+  # itself is zero.
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(20, 160)) @ rng.normal(size=(160, 160)) / 10
+  y = rng.normal(size=(45, 160)) + 0.3
+  a, b = (x - x.mean(0)) / np.sqrt(len(x) - 1), (y - y.mean(0)) / np.sqrt(len(y) - 1)
+  expected = (np.sum((x.mean(0) - y.mean(0))**2) + np.sum(a * a) + np.sum(b * b)
+              - 2 * np.linalg.svd(a @ b.T, compute_uv=False).sum())
+  assert metrics.fid_from_features(x, y) == pytest.approx(expected, rel=1e-12)
+  assert metrics.fid_from_features(y, x) == pytest.approx(expected, rel=1e-12)
+  full = metrics.frechet_distance(*metrics.feature_statistics(x), *metrics.feature_statistics(y))
+  assert metrics.fid_from_features(x, y) == pytest.approx(full, rel=1e-7)
+  assert abs(metrics.fid_from_features(x, x)) < 1e-8 * np.sum(a * a)  # (the k x k eigenvalues are squares)
+
+
 def test_frechet_distance_of_a_set_with_itself_is_zero_and_it_is_symmetric():
   rng = np.random.default_rng(3)
   mu, sigma = metrics.feature_statistics(rng.normal(size=(400, 32)) @ rng.normal(size=(32, 32)))

@@ -96,8 +96,28 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 
 def fid_from_features(features1, features2) -> float:
-  """FID between two (N, D) feature sets: statistics of each, then `frechet_distance`."""
-  return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+  """FID between two (N, D) feature sets: statistics of each, then `frechet_distance`.
+
+  Where the smaller set has no more samples than dimensions (a quick evaluation: a few hundred samples of 2048
+  Inception features), its covariance is A^T A with A its k centred rows over sqrt(k - 1), of rank < D, and
+  tr(sqrt(S1 S2)) is the same sum over the nonzero eigenvalues of the k x k matrix A S2 A^T (AB and BA share them):
+  O(k D^2) instead of the D x D eigendecompositions' O(D^3). The distance is symmetric, so either set may be it."""
+  x, y = _as_features(features1, "features1"), _as_features(features2, "features2")
+  if len(y) < len(x):
+    x, y = y, x
+  (mu1, sigma1), (mu2, sigma2) = feature_statistics(x), feature_statistics(y)
+  if len(x) > x.shape[1]:
+    return frechet_distance(mu1, sigma1, mu2, sigma2)
+  a = (x - mu1) / np.sqrt(len(x) - 1)
+  middle = a @ sigma2 @ a.T
+  try:
+    w = np.linalg.eigvalsh((middle + middle.T) / 2.0)
+  except np.linalg.LinAlgError:
+    w = np.full(1, np.nan)
+  if not np.all(np.isfinite(w)):  # the full computation, with its fallback
+    return frechet_distance(mu1, sigma1, mu2, sigma2)
+  diff = mu1 - mu2
+  return float(diff @ diff + np.sum(a * a) + np.trace(sigma2) - 2.0 * np.sqrt(np.clip(w, 0.0, None)).sum())
 
 
 # --------------------------------------------------------------------------------------------------------------------
