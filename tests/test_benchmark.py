@@ -20,11 +20,9 @@ pytestmark = pytest.mark.slow  # subprocesses and end-to-end runs
 
 @pytest.fixture
 def tiny(digits_config):
-  """configs/digits.py:tiny with one level (attention at 8x8): every code path the benchmarks time, half the compile
-  time of the two-level tiny U-Net."""
+  """configs/digits.py:tiny (one level, attention at 8x8: every code path the benchmarks time) on one device."""
   config = digits_config("tiny")
   config.mesh.data = 1
-  config.model.channel_mult, config.model.attention_resolutions = (1,), (8,)
   return config
 
 

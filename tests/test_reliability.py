@@ -270,10 +270,10 @@ def test_the_non_finite_error_does_not_promise_a_checkpoint_that_does_not_exist(
 
 @pytest.mark.slow
 def test_a_run_on_a_full_disk_ends_with_one_error_line_and_no_traceback(small_disk):
-  # A model of 8 base channels: its state (1.0 MB) is small beside what its first save writes on disk (1.6 MiB with
-  # orbax's metadata), so a disk of 1.3 MiB lets the check before that save pass (it asks for the state's bytes and
-  # 10 %) and fails the save itself by a wide margin either way (the save fails here from 1.1 to 1.5 MiB).
-  disk = small_disk(1.3)
+  # The tiny model at 8 base channels: its state (0.26 MB) is small beside what its first save writes on disk (0.86
+  # MiB with orbax's metadata), so a disk of 0.55 MiB lets the check before that save pass (it asks for the state's
+  # bytes and 10 %) and fails the save itself by a wide margin either way (it fails here from 0.45 to 0.7 MiB).
+  disk = small_disk(0.55)
   args = [sys.executable, "-m", "selfperc_jax.main", "--config=configs/digits.py:tiny", f"--workdir={disk / 'w'}",
           "--config.model.base_channels=8", "--config.total_steps=10", "--config.checkpoint_every=10",
           "--config.sample_every=0"]

@@ -63,10 +63,10 @@ def test_eight_devices_with_fsdp_equal_one_device(small_config):
   assert hist1[-1]["loss_perceptual"] > 0  # the perceptual term was active in the compared steps
   state_f, hist_f, live = _run(small_config, 8, batches, fsdp=4)
   assert len(live.params["in_conv"]["kernel"].sharding.device_set) == 8
-  kernel = live.params["enc_1_0"]["conv1"]["kernel"]  # (3, 3, 16, 32): split on its 32 output channels
-  assert kernel.sharding.spec == P(None, None, None, "fsdp")
-  assert {s.data.shape for s in kernel.addressable_shards} == {(3, 3, 16, 8)}
-  mu = live.opt_state[1][0].mu["enc_1_0"]["conv1"]["kernel"]  # the Adam moment is split like its param
+  kernel = live.params["enc_0_0"]["conv1"]["kernel"]  # (3, 3, 16, 16): split on the first of its largest axes
+  assert kernel.sharding.spec == P(None, None, "fsdp")
+  assert {s.data.shape for s in kernel.addressable_shards} == {(3, 3, 4, 16)}
+  mu = live.opt_state[1][0].mu["enc_0_0"]["conv1"]["kernel"]  # the Adam moment is split like its param
   assert mu.sharding.spec == kernel.sharding.spec
   assert live.params["enc_0_0"]["norm1"]["scale"].sharding.spec == P()  # 16 values: stays replicated
   _assert_same_run(hist1, state1, hist_f, state_f)
@@ -188,12 +188,13 @@ def test_label_dropout_reaches_the_null_class(small_config, label_dropout):
   small_config.loss.label_dropout = label_dropout
   small_config.perceptual.weight = 0.0  # one compiled phase is enough here
   small_config.optimizer.warmup_steps = 0  # the first step must already move the params
-  batches = _batches(small_config, 3)
+  batches = _batches(small_config, 4)
   relabelled = [{"image": b["image"], "label": (b["label"] + 3) % 10} for b in batches]
   built = _build(small_config, 1)
-  # Zero-initialised output convs hide the class embedding for two steps, so compare the third.
-  loss = _run(small_config, 1, batches, built)[1][2]["loss"]
-  loss_relabelled = _run(small_config, 1, relabelled, built)[1][2]["loss"]
+  # Zero-initialised output convs hide the class embedding for two steps (and dim it in the third), so compare the
+  # fourth.
+  loss = _run(small_config, 1, batches, built)[1][3]["loss"]
+  loss_relabelled = _run(small_config, 1, relabelled, built)[1][3]["loss"]
   if label_dropout > 0.5:
     np.testing.assert_allclose(loss, loss_relabelled, rtol=1e-6)
   else:

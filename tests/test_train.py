@@ -404,7 +404,7 @@ def test_sample_mode_without_checkpoint_is_refused(digits_config, tmp_path):
     ("sample.guidance_interval", (0.6, 0.2), "sample.guidance_interval=(0.6, 0.2) must be (lo, hi)"),
     ("model.num_heads", 3, "model.num_heads=3 must divide"),
     ("model.dtype", "float16", "model.dtype='float16' is not known"),
-    ("data.image_size", 7, "data.image_size=7 must be divisible by 2"),
+    ("model.channel_mult", (1, 2, 2, 2, 2), "data.image_size=8 must be divisible by 16 for 5 U-Net levels"),
     ("data.name", "cifar", "data.name='cifar' is not known"),
     ("data.split", "val", "data.split='val' is not known"),
     ("data.image_size", 0, "data.image_size=0 must be >= 1"),
