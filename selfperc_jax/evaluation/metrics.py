@@ -116,8 +116,12 @@ def fid_from_features(features1, features2) -> float:
     w = np.full(1, np.nan)
   if not np.all(np.isfinite(w)):  # the full computation, with its fallback
     return frechet_distance(mu1, sigma1, mu2, sigma2)
+  # The centred rows span at most k - 1 dimensions, so at least one eigenvalue is zero and comes out as rounding
+  # (~eps * the largest), whose square root would add ~sqrt(eps) of the largest singular value: eigenvalues under
+  # numpy's rank tolerance (k * eps * the largest) count as zero.
+  w = np.where(w > len(w) * np.finfo(w.dtype).eps * np.max(np.abs(w)), w, 0.0)
   diff = mu1 - mu2
-  return float(diff @ diff + np.sum(a * a) + np.trace(sigma2) - 2.0 * np.sqrt(np.clip(w, 0.0, None)).sum())
+  return float(diff @ diff + np.sum(a * a) + np.trace(sigma2) - 2.0 * np.sqrt(w).sum())
 
 
 # --------------------------------------------------------------------------------------------------------------------
