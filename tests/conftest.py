@@ -54,6 +54,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("SELFPERC_JAX_CACHE", os.path.join(os.path.dirname(os.environ["JAX_COMPILATION_CACHE_DIR"]),
                                                          "selfperc_jax_cache"))
 
+# Where PYTHONDONTWRITEBYTECODE is set (many container images set it), the bytecode of the modules collection imports
+# is still kept (`__pycache__/`, git-ignored), until collection ends: pytest would otherwise rewrite the asserts of
+# every test module again at every start of every worker (BENCHMARKS.md, "The tests' own speed").
+_DONT_WRITE_BYTECODE = sys.dont_write_bytecode
+sys.dont_write_bytecode = False
+
 import pytest  # noqa: E402
 
 
@@ -109,9 +115,11 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_collection_finish(session):
   """Collection leaves a large heap that lives to the end (every module, test item and JAX's own structures), which
   Python's collector walked again at every full collection while JAX traced: frozen out of its reach, and with the
-  youngest generation collected every 10,000 allocations instead of 700 (BENCHMARKS.md, "The tests' own speed")."""
+  youngest generation collected every 10,000 allocations instead of 700 (BENCHMARKS.md, "The tests' own speed").
+  Bytecode is written again only if the environment allows it."""
   import gc
 
+  sys.dont_write_bytecode = _DONT_WRITE_BYTECODE
   gc.collect()
   gc.freeze()
   gc.set_threshold(10_000, 10, 10)
