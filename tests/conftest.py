@@ -97,19 +97,52 @@ def _keep_loaded_programs(size: int = 64) -> None:
   cache.get_executable_and_time, cache.put_executable_and_time = get_kept, put_kept
 
 
-_keep_loaded_programs()
+def pytest_configure(config):
+  """Every process that runs tests keeps its loaded programs; the controller of `-n auto` runs none, and does not
+  import JAX at all (about 1.5 s of CPU beside the workers' start). The controller hands out the files in the
+  order the workers collected them."""
+  if not (getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")):
+    _keep_loaded_programs()
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False  # the files' order is pytest_collection_modifyitems'
+
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+DURATIONS = pathlib.Path(__file__).with_name("durations.json")
+
+
+def longest_files_first(tests, seconds: dict) -> list[int]:
+  """The order (indices into `tests`, a list of (node id, file, is slow)) that runs the longest files first, each
+  file's tests in their own order. A file's length is the sum of its tests' seconds; a test missing from `seconds`
+  counts 0 if its file is there (pytest hides durations under 5 ms) and the median test of its kind (slow or not)
+  otherwise (a new file)."""
+  import statistics
+
+  known_files = {nodeid.split("::")[0] for nodeid in seconds}
+  median = {}
+  for kind in (True, False):
+    values = [seconds[nodeid] for nodeid, _, slow in tests if slow == kind and nodeid in seconds]
+    median[kind] = statistics.median(values) if values else (2.0 if kind else 0.1)
+  length = {}
+  for nodeid, path, slow in tests:
+    default = 0.0 if nodeid.split("::")[0] in known_files else median[slow]
+    length[path] = length.get(path, 0.0) + seconds.get(nodeid, default)
+  return sorted(range(len(tests)), key=lambda i: (-length[tests[i][1]], i))
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected: the files are weighed by the tests that will run
 def pytest_collection_modifyitems(session, config, items):
-  """The files with the most slow tests first (each file's tests in their own order): with `--dist loadfile` a worker
-  takes a whole file at a time, in this order, so the longest files start early instead of ending the run alone."""
-  slow = {}
-  for item in items:
-    slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
-  order = {item: i for i, item in enumerate(items)}
-  items.sort(key=lambda item: (-slow[item.path], order[item]))
+  """With `--dist loadfile` a worker takes a whole file at a time, in the order collected here (xdist's own
+  reordering by count of tests is off, pytest_configure): the longest files first, by tests/durations.json (a whole
+  run from an empty compilation cache, written by tests/write_durations.py), so they start early instead of ending
+  the run alone."""
+  import json
+
+  seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+  tests = [(item.nodeid, str(item.path), item.get_closest_marker("slow") is not None) for item in items]
+  items[:] = [items[i] for i in longest_files_first(tests, seconds)]
 
 
 def pytest_collection_finish(session):

@@ -243,7 +243,7 @@ class _RecordingModel:
     return self.denoise(x, t, y)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddim", pytest.param("dpmpp_2m", marks=pytest.mark.slow)])  # one in the subset
 def test_released_scheduler_settings_in_a_config_sample_as_the_direct_call(sampler):
   """The paper's released models' scheduler_config.json read into the latent config: it validates, agrees with the
   file (scheduler_config.check_config), and the Generator walks exactly the trajectory of samplers.sample called

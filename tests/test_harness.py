@@ -1,0 +1,46 @@
+"""The test harness itself: the order the files run in (tests/conftest.py) and the durations it is read from."""
+
+import importlib.util
+
+import pytest
+
+from conftest import REPO, longest_files_first
+
+
+def _write_durations():
+  spec = importlib.util.spec_from_file_location("write_durations", REPO / "tests" / "write_durations.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_the_longest_files_run_first_each_in_its_own_order():
+  tests = [("tests/test_a.py::one", "a", False), ("tests/test_a.py::two", "a", True),
+           ("tests/test_b.py::one", "b", False), ("tests/test_b.py::two", "b", False),
+           ("tests/test_new.py::one", "new", True), ("tests/test_c.py::one", "c", False)]
+  seconds = {"tests/test_a.py::one": 1.0, "tests/test_a.py::two": 2.0, "tests/test_b.py::one": 5.0,
+             "tests/test_c.py::zero": 0.5}
+  order = longest_files_first(tests, seconds)
+  # b 5 s (its second test hidden under 5 ms: 0), a 3 s, new: the median slow test (2 s), c 0 s (known file).
+  assert [tests[i][0] for i in order] == ["tests/test_b.py::one", "tests/test_b.py::two", "tests/test_a.py::one",
+                                         "tests/test_a.py::two", "tests/test_new.py::one", "tests/test_c.py::one"]
+  # Without durations every file counts its tests at the defaults: the one with a slow test first.
+  order = longest_files_first(tests, {})
+  assert [tests[i][1] for i in order] == ["a", "a", "new", "b", "b", "c"]
+
+
+def test_durations_are_summed_over_setup_call_and_teardown_from_pytests_lines():
+  lines = ["============ slowest durations ============",
+           "3.50s call     tests/test_x.py::test_one[a-b]",
+           "1.25s setup    tests/test_x.py::test_one[a-b]",
+           "0.01s teardown tests/test_x.py::test_one[a-b]",
+           "0.40s call     tests/test_y.py::test_two",
+           "(412 durations < 0.005s hidden.  Use -vv to show these durations.)",
+           "807 passed in 12.00s"]
+  assert _write_durations().durations(lines) == {"tests/test_x.py::test_one[a-b]": 4.76,
+                                                 "tests/test_y.py::test_two": 0.4}
+
+
+def test_xdist_hands_out_the_files_in_the_collected_order(pytestconfig):
+  pytest.importorskip("xdist")
+  assert pytestconfig.option.loadscopereorder is False
