@@ -114,22 +114,25 @@ DURATIONS = pathlib.Path(__file__).with_name("durations.json")
 
 
 def longest_files_first(tests, seconds: dict) -> list[int]:
-  """The order (indices into `tests`, a list of (node id, file, is slow)) that runs the longest files first, each
-  file's tests in their own order. A file's length is the sum of its tests' seconds; a test missing from `seconds`
+  """The order (indices into `tests`, a list of (node id, is slow)) that runs the longest files first, each file's
+  tests in their own order. A file's length is the sum of its tests' seconds; a test missing from `seconds`
   counts 0 if its file is there (pytest hides durations under 5 ms) and the median test of its kind (slow or not)
   otherwise (a new file)."""
   import statistics
 
-  known_files = {nodeid.split("::")[0] for nodeid in seconds}
+  def file(nodeid):
+    return nodeid.split("::")[0]
+
+  known_files = {file(nodeid) for nodeid in seconds}
   median = {}
   for kind in (True, False):
-    values = [seconds[nodeid] for nodeid, _, slow in tests if slow == kind and nodeid in seconds]
+    values = [seconds[nodeid] for nodeid, slow in tests if slow == kind and nodeid in seconds]
     median[kind] = statistics.median(values) if values else (2.0 if kind else 0.1)
   length = {}
-  for nodeid, path, slow in tests:
-    default = 0.0 if nodeid.split("::")[0] in known_files else median[slow]
-    length[path] = length.get(path, 0.0) + seconds.get(nodeid, default)
-  return sorted(range(len(tests)), key=lambda i: (-length[tests[i][1]], i))
+  for nodeid, slow in tests:
+    default = 0.0 if file(nodeid) in known_files else median[slow]
+    length[file(nodeid)] = length.get(file(nodeid), 0.0) + seconds.get(nodeid, default)
+  return sorted(range(len(tests)), key=lambda i: (-length[file(tests[i][0])], i))
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` has deselected: the files are weighed by the tests that will run
@@ -141,7 +144,7 @@ def pytest_collection_modifyitems(session, config, items):
   import json
 
   seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
-  tests = [(item.nodeid, str(item.path), item.get_closest_marker("slow") is not None) for item in items]
+  tests = [(item.nodeid, item.get_closest_marker("slow") is not None) for item in items]
   items[:] = [items[i] for i in longest_files_first(tests, seconds)]
 
 

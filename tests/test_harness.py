@@ -15,9 +15,8 @@ def _write_durations():
 
 
 def test_the_longest_files_run_first_each_in_its_own_order():
-  tests = [("tests/test_a.py::one", "a", False), ("tests/test_a.py::two", "a", True),
-           ("tests/test_b.py::one", "b", False), ("tests/test_b.py::two", "b", False),
-           ("tests/test_new.py::one", "new", True), ("tests/test_c.py::one", "c", False)]
+  tests = [("tests/test_a.py::one", False), ("tests/test_a.py::two", True), ("tests/test_b.py::one", False),
+           ("tests/test_b.py::two", False), ("tests/test_new.py::one", True), ("tests/test_c.py::one", False)]
   seconds = {"tests/test_a.py::one": 1.0, "tests/test_a.py::two": 2.0, "tests/test_b.py::one": 5.0,
              "tests/test_c.py::zero": 0.5}
   order = longest_files_first(tests, seconds)
@@ -26,7 +25,8 @@ def test_the_longest_files_run_first_each_in_its_own_order():
                                          "tests/test_a.py::two", "tests/test_new.py::one", "tests/test_c.py::one"]
   # Without durations every file counts its tests at the defaults: the one with a slow test first.
   order = longest_files_first(tests, {})
-  assert [tests[i][1] for i in order] == ["a", "a", "new", "b", "b", "c"]
+  assert [tests[i][0].split("::")[0] for i in order] == ["tests/test_a.py", "tests/test_a.py", "tests/test_new.py",
+                                                         "tests/test_b.py", "tests/test_b.py", "tests/test_c.py"]
 
 
 def test_durations_are_summed_over_setup_call_and_teardown_from_pytests_lines():
@@ -39,6 +39,14 @@ def test_durations_are_summed_over_setup_call_and_teardown_from_pytests_lines():
            "807 passed in 12.00s"]
   assert _write_durations().durations(lines) == {"tests/test_x.py::test_one[a-b]": 4.76,
                                                  "tests/test_y.py::test_two": 0.4}
+
+
+def test_output_without_durations_is_refused_with_what_to_do(tmp_path, capsys):
+  run = tmp_path / "run.txt"
+  run.write_text("807 passed in 12.00s\n")
+  with pytest.raises(SystemExit) as exit:
+    _write_durations().main(["write_durations.py", str(run)])
+  assert str(exit.value).startswith("error: no '--durations=0' lines") and "--durations=0" in str(exit.value)
 
 
 def test_xdist_hands_out_the_files_in_the_collected_order(pytestconfig):
