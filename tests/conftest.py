@@ -172,6 +172,7 @@ def pytest_unconfigure(config):
     os._exit(0)
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: the suite also runs without xdist (`-p no:xdist`)
 def pytest_xdist_auto_num_workers(config):
   """`-n auto` (README's test command): one worker per core, at most 4. The tests compile on one core each, so two
   workers on CI's two cores halve the wall time; past 4, each worker's 8 simulated devices and the 2-process tests'

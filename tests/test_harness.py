@@ -50,5 +50,6 @@ def test_output_without_durations_is_refused_with_what_to_do(tmp_path, capsys):
 
 
 def test_xdist_hands_out_the_files_in_the_collected_order(pytestconfig):
-  pytest.importorskip("xdist")
+  if not hasattr(pytestconfig.option, "loadscopereorder"):
+    pytest.skip("pytest-xdist is not installed or not loaded (-p no:xdist)")
   assert pytestconfig.option.loadscopereorder is False
