@@ -46,8 +46,9 @@ class TextEncoder:
     else:
       config = model.CLIPTextConfig(vocab_size=self.tokenizer.vocab_size, hidden_size=BUILTIN_WIDTH,
                                     intermediate_size=2 * BUILTIN_WIDTH, num_hidden_layers=2, num_attention_heads=4)
-      self.variables = model.CLIPTextModel(config).init(jax.random.key(BUILTIN_SEED),
-                                                        np.zeros((1, self.tokenizer.max_length), np.int32))
+      # Compiled: one program, where an eager init runs (and compiles) every operation of the forward pass alone.
+      self.variables = jax.jit(model.CLIPTextModel(config).init)(jax.random.key(BUILTIN_SEED),
+                                                                 np.zeros((1, self.tokenizer.max_length), np.int32))
     self.model = model.CLIPTextModel(config)
     self.hidden_size = config.hidden_size
     self._apply = jax.jit(lambda v, ids: self.model.apply(v, ids).last_hidden_state)

@@ -110,6 +110,16 @@ def pytest_configure(config):
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def device_array(a, dtype="float32"):
+  """`a` as a JAX array of `dtype`, converted by NumPy and copied to the device: `jnp.asarray(a, dtype)` of a NumPy
+  array compiles a conversion program for every new shape (about 12 ms each on CPU, BENCHMARKS.md), which the tests'
+  many parameter trees of many shapes paid again and again."""
+  import jax
+  import numpy as np
+
+  return jax.device_put(np.asarray(a, dtype))
+
+
 DURATIONS = pathlib.Path(__file__).with_name("durations.json")
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import tarfile
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -155,7 +156,8 @@ def test_encoding_stores_the_token_ids_skips_bad_examples_with_a_summary_and_res
   # Record 1 is image 1's posterior through the folder's VAE (SD's crop of it).
   vae, variables = space.load_vae(space.latent_section(config))  # the folder's vae/
   image = captioned.sd_crop(Image.open(io.BytesIO(_examples()["000000001"][0])), 16)
-  mean, logvar = vae.apply(variables, image[None].astype(np.float32) / 127.5 - 1.0, method=vae.encode)
+  encode = jax.jit(lambda v, x: vae.apply(v, x, method=vae.encode))  # one program (eagerly, one per operation)
+  mean, logvar = encode(variables, image[None].astype(np.float32) / 127.5 - 1.0)
   np.testing.assert_allclose(source[1]["moments"][0].astype(np.float32), np.asarray(mean[0]), rtol=2e-3, atol=2e-3)
   np.testing.assert_array_equal(source.draw(1, False, np.random.default_rng(0))["label"], source[1]["tokens"])
 

@@ -43,7 +43,7 @@ def _config(sampler="ddim", batch_size=8, guidance_scale=2.0):
 @pytest.fixture(scope="module")
 def model_and_params():
   model = TinyDenoiser()
-  params = model.init(jax.random.key(0), jnp.zeros((1,) + SHAPE), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1,) + SHAPE), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
   return model, params["params"]
 
 
@@ -77,10 +77,10 @@ def test_samples_do_not_depend_on_chunk_size_or_device_count(model_and_params, s
   assert np.abs(one_device.astype(int) - reference).max() <= 1
   # ... and are what one call of the sampler with key(seed) draws (example i uses fold_in(key, i)).
   s = _config(sampler).sample
-  direct = samplers.sample(lambda x, t, y: model.apply({"params": params}, x, t, y),
-                           diffusion.Schedule("cosine", 0, True), "v", jax.random.key(3), jnp.asarray(labels), SHAPE,
-                           sampler=sampler, num_steps=s.steps, guidance_scale=s.guidance_scale,
-                           null_class=NUM_CLASSES)
+  direct = jax.jit(lambda p, y: samplers.sample(  # compiled whole, as the generator's chunks are
+      lambda x, t, y: model.apply({"params": p}, x, t, y), diffusion.Schedule("cosine", 0, True), "v",
+      jax.random.key(3), y, SHAPE, sampler=sampler, num_steps=s.steps, guidance_scale=s.guidance_scale,
+      null_class=NUM_CLASSES))(params, labels)
   assert np.abs(images.to_uint8(direct).astype(int) - reference).max() <= 1
 
 

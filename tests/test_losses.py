@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import device_array
 from selfperc_jax import diffusion, losses
 from selfperc_jax.models.unet import UNet
 
@@ -23,15 +24,15 @@ def _model():
 def _arrays(seed):
   """x0, x0_hat, eps, eps_hat (all different), labels. NumPy-drawn: many jax.random compiles are slow on CPU."""
   rng = np.random.default_rng(seed)
-  x0, x0_hat, eps, eps_hat = (jnp.asarray(rng.normal(size=(B, H, W, C)), jnp.float32) for _ in range(4))
-  labels = jnp.asarray(rng.permutation(NUM_CLASSES)[:B], jnp.int32)
+  x0, x0_hat, eps, eps_hat = (device_array(rng.normal(size=(B, H, W, C))) for _ in range(4))
+  labels = device_array(rng.permutation(NUM_CLASSES)[:B], "int32")
   return x0, x0_hat, eps, eps_hat, labels
 
 
 def _perturb(params, seed, scale=0.2):
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda p: jnp.asarray(np.asarray(p) + scale * rng.normal(size=p.shape), jnp.float32), params)
+      lambda p: device_array(np.asarray(p) + scale * rng.normal(size=p.shape)), params)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def _jitted_grads(noise):
 
 
 def _abs_sum(tree):
-  return sum(float(jnp.sum(jnp.abs(leaf))) for leaf in jax.tree.leaves(tree))
+  return sum(float(np.abs(np.asarray(leaf)).sum()) for leaf in jax.tree.leaves(tree))
 
 
 @pytest.mark.parametrize("which", ["fresh", "perturbed"])
@@ -129,7 +130,7 @@ def test_gradients_only_reach_the_prediction_paper(fresh_params, params, which):
   assert _abs_sum(g_eps) == 0.0
   # The prediction branch gets gradient, per example.
   for g in (g_x0_hat, g_eps_hat):
-    per_example = np.asarray(jnp.sum(jnp.abs(g), axis=(1, 2, 3)))
+    per_example = np.abs(np.asarray(g)).sum(axis=(1, 2, 3))
     assert np.all(per_example > 0), per_example
     assert np.all(np.isfinite(np.asarray(g)))
 
@@ -141,7 +142,7 @@ def test_gradients_only_reach_the_prediction_shared(params):
   assert _abs_sum(g_x0) == 0.0
   assert _abs_sum(g_eps) == 0.0
   assert _abs_sum(g_eps_hat) == 0.0  # unused with shared noise
-  assert np.all(np.asarray(jnp.sum(jnp.abs(g_x0_hat), axis=(1, 2, 3))) > 0)
+  assert np.all(np.abs(np.asarray(g_x0_hat)).sum(axis=(1, 2, 3)) > 0)
 
 
 @pytest.mark.slow  # a check of the check (the other gradient tests), not of the code

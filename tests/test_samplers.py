@@ -46,9 +46,16 @@ def gaussian_denoiser(schedule, prediction, mu=MU, sd=SD):
   return fn
 
 
+def compiled_sample(fn, schedule, prediction, key, labels, shape, **kwargs):
+  """samplers.sample compiled whole, as generate.py runs it: one program, where an eager call compiles each of the
+  operations around its loop on its own (and again for every new shape)."""
+  return jax.jit(lambda key, labels: samplers.sample(fn, schedule, prediction, key, labels, shape, **kwargs))(
+      key, labels)
+
+
 def draw(schedule, prediction, sampler, num_steps, *, num=NUM, key=0, **kwargs):
   labels = jnp.zeros((num,), jnp.int32)
-  x = samplers.sample(gaussian_denoiser(schedule, prediction), schedule, prediction, jax.random.key(key), labels,
+  x = compiled_sample(gaussian_denoiser(schedule, prediction), schedule, prediction, jax.random.key(key), labels,
                       SHAPE, sampler=sampler, num_steps=num_steps, clip_x0=False, **kwargs)
   x = np.asarray(x)
   assert x.shape == (num,) + SHAPE
@@ -85,8 +92,11 @@ def test_time_grid_continuous(num_steps):
   np.testing.assert_allclose(np.diff(grid), -1.0 / num_steps, atol=1e-6)  # evenly spaced
 
 
+_time_grid = jax.jit(samplers.time_grid, static_argnums=(0, 1))  # one program per grid (eagerly, one per operation)
+
+
 def _check_discrete_grid(num_steps, T):
-  grid = np.asarray(samplers.time_grid(num_steps, diffusion.Schedule("linear", T)), np.float64)
+  grid = np.asarray(_time_grid(num_steps, diffusion.Schedule("linear", T)), np.float64)
   assert grid.shape == (num_steps + 1,)
   assert grid[0] == 1.0 and grid[-1] == 0.0
   assert np.all(np.diff(grid) < 0), (num_steps, T)
@@ -223,11 +233,11 @@ def test_clip_x0_keeps_samples_in_range():
   schedule = COSINE
   labels = jnp.zeros((256,), jnp.int32)
   wide = gaussian_denoiser(schedule, "v", mu=0.0, sd=2.0)  # data mostly outside [-1, 1]
-  x = np.asarray(samplers.sample(wide, schedule, "v", jax.random.key(0), labels, SHAPE, sampler="dpmpp_2m",
+  x = np.asarray(compiled_sample(wide, schedule, "v", jax.random.key(0), labels, SHAPE, sampler="dpmpp_2m",
                                  num_steps=10))
   assert np.all(np.isfinite(x)) and x.min() >= -1.0 and x.max() <= 1.0
   assert np.mean(np.abs(x) > 0.99) > 0.3  # the clip actually acted
-  unclipped = np.asarray(samplers.sample(wide, schedule, "v", jax.random.key(0), labels, SHAPE,
+  unclipped = np.asarray(compiled_sample(wide, schedule, "v", jax.random.key(0), labels, SHAPE,
                                          sampler="dpmpp_2m", num_steps=10, clip_x0=False))
   assert np.abs(unclipped).max() > 2.0
 
@@ -243,7 +253,7 @@ def test_clip_x0_rederives_eps_from_the_clipped_prediction():
   def fn(x, t, y):
     return jnp.where(t.reshape((-1,) + (1,) * (x.ndim - 1)) > 0.75, 3.0, x)
 
-  x = samplers.sample(fn, schedule, "x0", jax.random.key(0), jnp.zeros((64,), jnp.int32), SHAPE, sampler="ddim",
+  x = compiled_sample(fn, schedule, "x0", jax.random.key(0), jnp.zeros((64,), jnp.int32), SHAPE, sampler="ddim",
                       num_steps=2, clip_x0=True)
   a1, s1 = (float(v) for v in schedule.alpha_sigma(1.0))
   a_half, s_half = (float(v) for v in schedule.alpha_sigma(0.5))
@@ -260,7 +270,7 @@ def test_more_steps_than_timesteps_is_rejected(sampler):
     samplers.sample(gaussian_denoiser(schedule, "v"), schedule, "v", jax.random.key(0), labels, SHAPE,
                     sampler=sampler, num_steps=25, clip_x0=False)
   # All T steps are fine and reproduce the data.
-  x = np.asarray(samplers.sample(gaussian_denoiser(schedule, "v"), schedule, "v", jax.random.key(0), labels, SHAPE,
+  x = np.asarray(compiled_sample(gaussian_denoiser(schedule, "v"), schedule, "v", jax.random.key(0), labels, SHAPE,
                                  sampler=sampler, num_steps=10, clip_x0=False))
   assert np.all(np.isfinite(x))
   assert x.std() / SD == pytest.approx(1.0, abs=0.3)
@@ -321,7 +331,7 @@ def test_guidance_end_to_end_on_class_conditional_toy(prediction):
   schedule = COSINE_ZTS_T1000
   labels = jnp.array([0, 1, 2, 2, 1, 0])
   scale = 2.0
-  x = samplers.sample(gaussian_denoiser(schedule, prediction, mus, sds), schedule, prediction, jax.random.key(0),
+  x = compiled_sample(gaussian_denoiser(schedule, prediction, mus, sds), schedule, prediction, jax.random.key(0),
                       labels, SHAPE, sampler="ddim", num_steps=1, guidance_scale=scale, null_class=NULL,
                       clip_x0=False)
   expected = mus[NULL] + scale * (mus[labels] - mus[NULL])
@@ -395,7 +405,7 @@ def test_rescale_pulls_an_overexposed_guided_sample_back():
   labels = jnp.zeros((512,), jnp.int32)
   kwargs = dict(sampler="ddim", num_steps=20, guidance_scale=4.0, null_class=NULL, clip_x0=False)
   denoiser = gaussian_denoiser(schedule, "v", mus, sds)
-  plain = np.asarray(samplers.sample(denoiser, schedule, "v", jax.random.key(0), labels, SHAPE, **kwargs))
-  rescaled = np.asarray(samplers.sample(denoiser, schedule, "v", jax.random.key(0), labels, SHAPE,
+  plain = np.asarray(compiled_sample(denoiser, schedule, "v", jax.random.key(0), labels, SHAPE, **kwargs))
+  rescaled = np.asarray(compiled_sample(denoiser, schedule, "v", jax.random.key(0), labels, SHAPE,
                                         guidance_rescale=1.0, **kwargs))
   assert abs(rescaled.std() - 0.3) < abs(plain.std() - 0.3)

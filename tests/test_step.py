@@ -323,7 +323,7 @@ def test_the_fine_tuning_start_is_what_the_recipe_keys_say(digits_config, online
   config = _recipe(digits_config(""), online_start=online_start, optimizer_state=optimizer_state)
   tx, _ = step_lib.make_optimizer(config)
   params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
-  _, opt_state = tx.update(jax.tree.map(lambda x: x + 0.5, params), tx.init(params), params)
+  _, opt_state = jax.jit(tx.update)(jax.tree.map(lambda x: x + 0.5, params), tx.init(params), params)
   state = step_lib.TrainState(step=jnp.int32(config.perceptual.start_step), params=params, opt_state=opt_state,
                               ema_params=jax.tree.map(lambda x: 0.5 * x - 1, params), perceptual_params=params)
   after = step_lib.start_fine_tuning(config, tx, state)
