@@ -33,8 +33,7 @@ from third_party.fid_inception.parity import make_fixture  # noqa: E402
 def _random_variables(seed: int = 0):
   """Random variables of InceptionV3's shapes: He-scaled kernels, non-trivial BatchNorm parameters and statistics
   (every leaf distinct, so a swapped mapping such as mean <-> var or weight <-> bias cannot round-trip)."""
-  shapes = jax.eval_shape(model.InceptionV3().init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32))
+  shapes = weights_io.variable_shapes(model.InceptionV3(), (1, 299, 299, 3))  # the converter's layout's, too
   rng = np.random.default_rng(seed)
   out = {}
   for collection in ("params", "batch_stats"):

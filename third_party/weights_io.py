@@ -7,7 +7,8 @@ other project. Each converter
 (fid_inception/convert.py, sd_vae/convert.py) keeps only its network's layout; this module holds what they share:
 
 - errors: `WeightsError` (a `selfperc_jax.errors.UserError`), its `TorchRequiredError` and `StateDictMismatchError`.
-- layouts: `torch_layout(module, input_shape)` names every Flax variable of a module as PyTorch does, with its PyTorch
+- layouts: `variable_shapes(module, input_shape)`, the shapes of a module's variables (abstract, remembered);
+  `torch_layout(module, input_shape)` names every Flax variable of a module as PyTorch does, with its PyTorch
   shape and the transform into Flax's layout (conv OIHW -> HWIO, linear (out, in) -> (in, out)); `match_keys`,
   `float32_tensors` and `raise_if_mismatched` check a state dict against it and report every problem at once;
   `flax_variables` builds the nested Flax variables.
@@ -21,6 +22,7 @@ other project. Each converter
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import json
 import math
@@ -98,6 +100,17 @@ _TORCH_LEAVES = {("params", "scale"): "weight", ("params", "bias"): "bias",
                  ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
 
 
+@functools.lru_cache(maxsize=8)
+def variable_shapes(module, input_shape: tuple[int, ...]) -> dict:
+  """The variables that `module.init` makes for a float32 input of `input_shape`, as jax.ShapeDtypeStructs (by
+  jax.eval_shape: no memory). Remembered per (module, shape): tracing a full-size network takes seconds, and a
+  converter's layout and a caller that makes variables of the same shapes would each pay it."""
+  import jax
+  import jax.numpy as jnp
+
+  return jax.eval_shape(module.init, jax.random.key(0), jax.ShapeDtypeStruct(input_shape, jnp.float32))
+
+
 def torch_layout(module, input_shape: tuple[int, ...],
                  module_name: Callable[[Sequence[str]], str] = ".".join) -> dict[str, Entry]:
   """{PyTorch name: Entry} of every variable that `module.init` makes for a float32 input of `input_shape` (shapes
@@ -105,11 +118,9 @@ def torch_layout(module, input_shape: tuple[int, ...],
   linear (in, out) from (out, in)) and for a norm's scale, '<module>.bias', and BatchNorm's statistics
   '<module>.running_mean' / 'running_var'. `module_name(path)` names the module at a Flax path (default: joined by
   dots)."""
-  import jax
-  import jax.numpy as jnp
   from flax import traverse_util
 
-  shapes = jax.eval_shape(module.init, jax.random.key(0), jax.ShapeDtypeStruct(input_shape, jnp.float32))
+  shapes = variable_shapes(module, tuple(input_shape))
   shapes = dict(sorted(shapes.items(), key=lambda item: item[0] != "params"))  # params first, then the statistics
   layout = {}
   for (collection, *path), leaf in traverse_util.flatten_dict(shapes).items():
