@@ -159,11 +159,13 @@ def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once(capsys):
   watcher = preemption.PreemptionWatcher()
   try:
     assert watcher.should_stop(1) is None
-    os.kill(os.getpid(), signal.SIGINT)
+    # raise_signal: delivered to this thread before it returns (os.kill may land on another of the process's threads,
+    # whose handler can run after the next line has already looked).
+    signal.raise_signal(signal.SIGINT)
     assert watcher.should_stop(2) == "interrupted"
     assert "saves a checkpoint after this step" in capsys.readouterr().out
     with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
+      signal.raise_signal(signal.SIGINT)
   finally:
     watcher.close()
   assert signal.getsignal(signal.SIGINT) is before  # restored
@@ -172,7 +174,7 @@ def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once(capsys):
 def test_sigterm_is_preempted():
   watcher = preemption.PreemptionWatcher()
   try:
-    os.kill(os.getpid(), signal.SIGTERM)
+    signal.raise_signal(signal.SIGTERM)
     assert watcher.should_stop(1) == "preempted"
   finally:
     watcher.close()
