@@ -162,6 +162,12 @@ def test_layout_has_the_pytorch_names_and_shapes():
   assert trainable == 27_161_264 - 3_326_696 + 8 * 2049 == 23_850_960
 
 
+def test_the_networks_shapes_are_traced_once_for_the_layout_and_the_variables(variables):
+  shapes = weights_io.variable_shapes(model.InceptionV3(), (1, 299, 299, 3))
+  assert weights_io.variable_shapes(model.InceptionV3(), (1, 299, 299, 3)) is shapes  # an equal module: remembered
+  assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, variables)
+
+
 def test_state_dict_round_trips_to_identical_variables(variables, state_dict):
   assert any(k.endswith("num_batches_tracked") for k in state_dict)  # ignored by the converter
   _assert_same_tree(convert.convert(state_dict), variables)

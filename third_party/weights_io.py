@@ -104,7 +104,8 @@ _TORCH_LEAVES = {("params", "scale"): "weight", ("params", "bias"): "bias",
 def variable_shapes(module, input_shape: tuple[int, ...]) -> dict:
   """The variables that `module.init` makes for a float32 input of `input_shape`, as jax.ShapeDtypeStructs (by
   jax.eval_shape: no memory). Remembered per (module, shape): tracing a full-size network takes seconds, and a
-  converter's layout and a caller that makes variables of the same shapes would each pay it."""
+  converter's layout and a caller that makes variables of the same shapes would each pay it. Shared: read it, never
+  change it."""
   import jax
   import jax.numpy as jnp
 
