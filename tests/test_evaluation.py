@@ -396,6 +396,7 @@ def test_the_shared_cache_serves_other_processes_and_a_corrupt_one_is_trained_ag
     dc._trained_in_process.cache_clear()  # no patched classifier left for the other tests of this process
 
 
+@pytest.mark.slow  # Flax's eager init runs op by op (2-3 s of the subset); the subset trains with the compiled one
 def test_compiled_init_gives_the_eager_init_bit_for_bit():
   """The cached classifiers (and the scores in docs/results.md) were made with Flax's eager init."""
   import jax
