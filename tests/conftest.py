@@ -97,12 +97,55 @@ def _keep_loaded_programs(size: int = 64) -> None:
   cache.get_executable_and_time, cache.put_executable_and_time = get_kept, put_kept
 
 
+def _keep_traced_layouts() -> None:
+  """weights_io.variable_shapes (the variables a network's init makes, traced by jax.eval_shape: seconds for the
+  full-size SD U-Net, VAE and Inception networks whose layouts the converters check) kept on disk beside the digits
+  classifier for the other processes and the next run. An entry's key is the module's repr (every field, the
+  config's included), the input shape, the source of third_party/ and of the one selfperc_jax module it imports, and
+  the JAX and Flax versions: an edit to a network traces it again. 5 s of the fast subset's 57 in one process
+  (BENCHMARKS.md, "2026-12-02, evening")."""
+  import functools
+  import hashlib
+  import pickle
+
+  import flax
+  import jax
+
+  from third_party import weights_io
+
+  trace = weights_io.variable_shapes.__wrapped__
+  sources = sorted((REPO / "third_party").rglob("*.py")) + [REPO / "selfperc_jax" / "errors.py"]
+  code = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + f"{jax.__version__} {flax.__version__}".encode())
+
+  @functools.lru_cache(maxsize=8)  # as the original: an equal module gets the same (shared, read-only) tree
+  def variable_shapes(module, input_shape):
+    key = code.copy()
+    key.update(f"{module!r} {tuple(input_shape)}".encode())
+    folder = pathlib.Path(os.environ["SELFPERC_JAX_CACHE"]) / "variable_shapes"
+    path = folder / f"{key.hexdigest()[:32]}.pkl"
+    try:
+      return pickle.loads(path.read_bytes())
+    except Exception:  # not kept yet (or half a file from a killed run): traced, as without the harness
+      shapes = trace(module, input_shape)
+    try:
+      folder.mkdir(parents=True, exist_ok=True)
+      partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+      partial.write_bytes(pickle.dumps(shapes))
+      os.replace(partial, path)  # atomic: another worker never reads half a file
+    except OSError:
+      pass
+    return shapes
+
+  weights_io.variable_shapes = variable_shapes
+
+
 def pytest_configure(config):
-  """Every process that runs tests keeps its loaded programs; the controller of `-n auto` runs none, and does not
-  import JAX at all (about 1.5 s of CPU beside the workers' start). The controller hands out the files in the
-  order the workers collected them."""
+  """Every process that runs tests keeps its loaded programs and its traced layouts; the controller of `-n auto`
+  runs none, and does not import JAX at all (about 1.5 s of CPU beside the workers' start). The controller hands out
+  the files in the order the workers collected them."""
   if not (getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")):
     _keep_loaded_programs()
+    _keep_traced_layouts()
   if hasattr(config.option, "loadscopereorder"):
     config.option.loadscopereorder = False  # the files' order is pytest_collection_modifyitems'
 

@@ -53,3 +53,27 @@ def test_xdist_hands_out_the_files_in_the_collected_order(pytestconfig):
   if not hasattr(pytestconfig.option, "loadscopereorder"):
     pytest.skip("pytest-xdist is not installed or not loaded (-p no:xdist)")
   assert pytestconfig.option.loadscopereorder is False
+
+
+def test_traced_layouts_are_kept_on_disk_and_an_edited_module_is_traced_again(tmp_path, monkeypatch):
+  """conftest's weights_io.variable_shapes: a layout traced once is read back (no trace) after the in-process memory
+  is cleared, as another worker or the next run would; a module with another field is traced."""
+  import flax.linen as nn
+  import jax
+
+  from third_party import weights_io
+
+  monkeypatch.setenv("SELFPERC_JAX_CACHE", str(tmp_path))
+  shapes = weights_io.variable_shapes(nn.Dense(features=3), (2, 5))
+  assert jax.tree.map(lambda s: s.shape, shapes) == {"params": {"kernel": (5, 3), "bias": (3,)}}
+  assert len(list((tmp_path / "variable_shapes").glob("*.pkl"))) == 1
+  weights_io.variable_shapes.cache_clear()
+  traced = []
+  monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: traced.append(a) or pytest.fail("traced again"))
+  again = weights_io.variable_shapes(nn.Dense(features=3), (2, 5))
+  assert again is not shapes and jax.tree.map(lambda s: s.shape, again) == jax.tree.map(lambda s: s.shape, shapes)
+  monkeypatch.undo()
+  monkeypatch.setenv("SELFPERC_JAX_CACHE", str(tmp_path))
+  other = weights_io.variable_shapes(nn.Dense(features=4), (2, 5))
+  assert other["params"]["kernel"].shape == (5, 4)
+  assert len(list((tmp_path / "variable_shapes").glob("*.pkl"))) == 2

@@ -16,8 +16,6 @@ from selfperc_jax import input_pipeline, train
 from selfperc_jax.data import imagenet
 from selfperc_jax.errors import ConfigError
 
-tfds = pytest.importorskip("tensorflow_datasets")
-
 pytestmark = pytest.mark.slow  # subprocesses and end-to-end runs
 
 
@@ -148,6 +146,7 @@ def test_missing_split_and_wrong_format_and_missing_archives(tiny_imagenet, tmp_
     imagenet.prepare(str(tmp_path / "empty"), str(tmp_path / "tfds"))
   # prepared by plain TFDS in its default format (tfrecord): random access needs array_record
   write_ilsvrc_archives(tmp_path / "manual")
+  tfds = pytest.importorskip("tensorflow_datasets")  # here: collecting the file (the fast subset too) skips its import
   builder = tfds.builder("imagenet2012", data_dir=str(tmp_path / "tfrecord"))
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "manual")))
   with pytest.raises(ConfigError, match="prepared as .*tfrecord.* needs array_record"):

@@ -21,6 +21,7 @@ module holds the U-Net's layout and what to tell the user about it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -66,11 +67,11 @@ def _config(config):
   return load_config(os.fspath(config))
 
 
+@dataclasses.dataclass(frozen=True)  # equal for an equal U-Net, and its repr is the U-Net's (a key for its layout)
 class _Probe:
   """`torch_layout` initialises a module from one input shape; the U-Net also takes t and a context."""
 
-  def __init__(self, unet):
-    self.unet = unet
+  unet: Any
 
   def init(self, rng, x):
     import jax.numpy as jnp
